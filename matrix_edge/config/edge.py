@@ -1,0 +1,100 @@
+"""The whole configuration file: reading, validating, and the commented
+default that ``--generate-config`` writes."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import attrs
+import yaml
+
+from matrix_edge.config._base import ConfigError, KeyPath, parse_size, read_mapping
+from matrix_edge.config.access_log import AccessLogConfig, parse_access_log
+from matrix_edge.config.listeners import ListenerConfig, parse_listeners
+from matrix_edge.config.proxies import IPNetwork, parse_trusted_proxies
+from matrix_edge.config.timeouts import TimeoutsConfig, parse_timeouts
+from matrix_edge.config.upstream import (
+    UpstreamAddress,
+    UpstreamPoolConfig,
+    parse_upstream,
+    parse_upstream_pool,
+)
+
+DEFAULT_MAX_UPLOAD_SIZE = 50 * 1024 * 1024
+
+
+@attrs.frozen
+class EdgeConfig:
+    listeners: tuple[ListenerConfig, ...]
+    upstream: UpstreamAddress
+    upstream_pool: UpstreamPoolConfig = attrs.field(factory=UpstreamPoolConfig)
+    max_upload_size: int = DEFAULT_MAX_UPLOAD_SIZE
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    timeouts: TimeoutsConfig = attrs.field(factory=TimeoutsConfig)
+    access_log: AccessLogConfig = attrs.field(factory=AccessLogConfig)
+
+
+_TOP_KEYS = (
+    "listeners",
+    "upstream",
+    "upstream_pool",
+    "max_upload_size",
+    "trusted_proxies",
+    "timeouts",
+    "access_log",
+)
+
+
+def parse_config(value: object, path: KeyPath = ()) -> EdgeConfig:
+    """Validate a parsed YAML document into an L{EdgeConfig}."""
+    data = read_mapping(value, path, _TOP_KEYS)
+    for required in ("listeners", "upstream"):
+        if required not in data:
+            raise ConfigError((*path, required), "required")
+    return EdgeConfig(
+        listeners=parse_listeners(data["listeners"], (*path, "listeners")),
+        upstream=parse_upstream(data["upstream"], (*path, "upstream")),
+        upstream_pool=parse_upstream_pool(
+            data.get("upstream_pool"), (*path, "upstream_pool")
+        ),
+        max_upload_size=parse_size(
+            data.get("max_upload_size", DEFAULT_MAX_UPLOAD_SIZE),
+            (*path, "max_upload_size"),
+        ),
+        trusted_proxies=parse_trusted_proxies(
+            data.get("trusted_proxies"), (*path, "trusted_proxies")
+        ),
+        timeouts=parse_timeouts(data.get("timeouts"), (*path, "timeouts")),
+        access_log=parse_access_log(data.get("access_log"), (*path, "access_log")),
+    )
+
+
+def load_config(filename: str) -> EdgeConfig:
+    """Read and validate a YAML config file.
+
+    Every problem comes out as a L{ConfigError}: a missing file, bad YAML
+    (with its line), or a bad value (with its key path).
+    """
+    try:
+        with open(filename, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(
+            (), f"cannot read config file {filename}: {e.strerror}"
+        ) from e
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError((), f"{filename} is not valid YAML: {e}") from e
+    if document is None:
+        raise ConfigError((), f"{filename} is empty")
+    return parse_config(document)
+
+
+def default_config_text() -> str:
+    """The commented configuration with every default shown."""
+    return (
+        resources.files("matrix_edge.config")
+        .joinpath("default.yaml")
+        .read_text(encoding="utf-8")
+    )

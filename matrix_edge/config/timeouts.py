@@ -1,0 +1,45 @@
+"""The ``timeouts`` section, sized for Matrix long-polling."""
+
+from __future__ import annotations
+
+import attrs
+
+from matrix_edge.config._base import KeyPath, fail, parse_duration, read_mapping
+
+
+@attrs.frozen
+class TimeoutsConfig:
+    upstream_connect: float = 5.0
+    """Opening a connection to Synapse."""
+
+    upstream_response: float = 180.0
+    """From the end of the request body to Synapse's response headers. Must
+    exceed the longest ``/sync?timeout=`` clients use (30 s is usual) and
+    leave room for slow initial syncs."""
+
+    body_idle: float = 60.0
+    """A request or response body that moves no byte for this long, in either
+    direction, is abandoned: an uploader that stalls, or a reader that stops
+    reading."""
+
+    client_idle: float = 120.0
+    """A client connection with no request in progress is closed after this
+    long without traffic."""
+
+
+_KEYS = ("upstream_connect", "upstream_response", "body_idle", "client_idle")
+
+
+def parse_timeouts(value: object, path: KeyPath) -> TimeoutsConfig:
+    data = read_mapping(value, path, _KEYS)
+    defaults = TimeoutsConfig()
+    values = {}
+    for key in _KEYS:
+        if key in data:
+            seconds = parse_duration(data[key], (*path, key))
+            if seconds <= 0:
+                fail((*path, key), "must be greater than zero")
+            values[key] = seconds
+        else:
+            values[key] = getattr(defaults, key)
+    return TimeoutsConfig(**values)

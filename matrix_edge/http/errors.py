@@ -1,0 +1,72 @@
+"""Matrix-style JSON errors for every response matrix-edge makes itself."""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+from twisted.web.server import Request
+
+# The CORS headers Synapse puts on its own responses, so that browser
+# clients can read the errors the edge answers in its place.
+CORS_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"Access-Control-Allow-Origin", b"*"),
+    (b"Access-Control-Allow-Methods", b"GET, HEAD, POST, PUT, DELETE, OPTIONS"),
+    (
+        b"Access-Control-Allow-Headers",
+        b"X-Requested-With, Content-Type, Authorization, Date",
+    ),
+    (b"Access-Control-Expose-Headers", b"Synapse-Trace-Id, Server"),
+)
+
+
+@attrs.frozen
+class MatrixError:
+    """An error response: HTTP status, Matrix ``errcode`` and a message."""
+
+    code: int
+    errcode: str
+    msg: str
+
+    def body(self) -> bytes:
+        return json.dumps({"errcode": self.errcode, "error": self.msg}).encode()
+
+
+def bad_request(msg: str) -> MatrixError:
+    return MatrixError(400, "M_UNKNOWN", msg)
+
+
+def not_found() -> MatrixError:
+    return MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
+
+
+def too_large(limit: int) -> MatrixError:
+    return MatrixError(
+        413, "M_TOO_LARGE", f"Request body is larger than the limit of {limit} bytes"
+    )
+
+
+def bad_gateway() -> MatrixError:
+    return MatrixError(502, "M_UNKNOWN", "The homeserver could not be reached")
+
+
+def gateway_timeout() -> MatrixError:
+    return MatrixError(504, "M_UNKNOWN", "The homeserver did not answer in time")
+
+
+def write_error(request: Request, error: MatrixError) -> None:
+    """Set status, headers and body of ``request`` to ``error``.
+
+    The caller finishes the request; headers set earlier for the client's
+    benefit (such as a request ID) are kept.
+    """
+    body = error.body()
+    request.setResponseCode(error.code)
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"Content-Type", [b"application/json"])
+    headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+    headers.setRawHeaders(b"Cache-Control", [b"no-cache, no-store, must-revalidate"])
+    for name, value in CORS_HEADERS:
+        headers.setRawHeaders(name, [value])
+    if request.method != b"HEAD":
+        request.write(body)

@@ -1,0 +1,149 @@
+"""Which headers cross the proxy, in each direction, and the ones it sets."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+from twisted.web.http_headers import Headers
+
+from matrix_edge.config.proxies import IPNetwork
+
+# RFC 9110 section 7.6.1 connection-specific fields, plus the de-facto ones.
+# Transfer-Encoding and Content-Length are framing: the upstream client and
+# the client channel each frame the body themselves.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+    }
+)
+
+# Set by the edge from what it saw; never passed on from an untrusted client.
+FORWARDING_HEADERS = frozenset(
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-real-ip",
+        b"forwarded",
+    }
+)
+
+# Twisted answers "Expect: 100-continue" itself and the body is streamed at
+# once, so Synapse must not wait to send a second 100.
+_REQUEST_ONLY_DROPPED = frozenset({b"expect"})
+
+
+def connection_tokens(values: Sequence[bytes] | None) -> frozenset[bytes]:
+    """The lower-cased header names listed in ``Connection`` values."""
+    if not values:
+        return frozenset()
+    return frozenset(
+        token.strip().lower()
+        for value in values
+        for token in value.split(b",")
+        if token.strip()
+    )
+
+
+def filter_headers(
+    headers: Iterable[tuple[bytes, Sequence[bytes]]], drop: Iterable[bytes]
+) -> Headers:
+    """Copy ``headers`` without hop-by-hop ones, those named in their own
+    ``Connection`` header, and the lower-cased names in ``drop``.
+
+    Every value of a repeated header is kept, in order.
+    """
+    items = list(headers)
+    listed: frozenset[bytes] = frozenset()
+    for name, values in items:
+        if name.lower() == b"connection":
+            listed = connection_tokens(values)
+            break
+    removed = HOP_BY_HOP | listed | frozenset(drop)
+    out = Headers()
+    for name, values in items:
+        if name.lower() not in removed:
+            out.setRawHeaders(name, list(values))
+    return out
+
+
+def upstream_request_headers(
+    client_headers: Headers,
+    forwarded_for: bytes,
+    forwarded_proto: bytes,
+) -> Headers:
+    """The headers sent to Synapse for a client request.
+
+    ``X-Forwarded-For`` is replaced, not appended to: Synapse believes the
+    first address in it, so a client-sent value would otherwise win.
+    """
+    out = filter_headers(
+        client_headers.getAllRawHeaders(), FORWARDING_HEADERS | _REQUEST_ONLY_DROPPED
+    )
+    out.setRawHeaders(b"X-Forwarded-For", [forwarded_for])
+    out.setRawHeaders(b"X-Forwarded-Proto", [forwarded_proto])
+    return out
+
+
+def parse_ip(text: bytes | str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Parse an address as it appears in X-Forwarded-For, IPv4-mapped IPv6
+    turned into plain IPv4. None when it is not an address."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    text = text.strip()
+    if text.startswith("[") and "]" in text:
+        text = text[1 : text.index("]")]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def client_address(
+    peer: str, forwarded_for: Sequence[bytes] | None, trusted: Sequence[IPNetwork]
+) -> str:
+    """The address of the client a request came from.
+
+    Without trusted proxies this is the peer. When the peer is a trusted
+    proxy, the ``X-Forwarded-For`` chain is walked from the right, past
+    every trusted hop, and the first address not trusted is the client.
+    """
+    peer_ip = parse_ip(peer)
+    if peer_ip is None:
+        return peer
+    if not trusted or not forwarded_for or not _is_trusted(peer_ip, trusted):
+        return str(peer_ip)
+    hops = [hop for value in forwarded_for for hop in value.split(b",")]
+    client = peer_ip
+    for hop in reversed(hops):
+        address = parse_ip(hop)
+        if address is None:
+            break
+        client = address
+        if not _is_trusted(address, trusted):
+            break
+    return str(client)
+
+
+def _is_trusted(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    trusted: Sequence[IPNetwork],
+) -> bool:
+    return any(address in network for network in trusted)

@@ -1,0 +1,301 @@
+"""The per-listener site: which requests are forwarded, which the edge
+answers itself, and the request class that streams forwarded bodies."""
+
+from __future__ import annotations
+
+import enum
+import time
+from io import BytesIO
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from matrix_edge.config.edge import EdgeConfig
+from matrix_edge.config.listeners import ListenerConfig, ListenerType
+from matrix_edge.http import errors
+from matrix_edge.http.accesslog import AccessLog, redact_target
+from matrix_edge.http.errors import MatrixError, write_error
+from matrix_edge.http.forward import Forwarding
+from matrix_edge.http.headers import client_address
+from matrix_edge.http.target import check_target, path_has_prefix, split_target
+from matrix_edge.http.transport import client_transport
+from matrix_edge.http.upstream import Upstream
+from matrix_edge.resources.health import HealthResource
+
+# What each kind of listener forwards to Synapse, as in Synapse's
+# reverse-proxy documentation. /_synapse/admin is deliberately absent.
+FORWARDED_PREFIXES: dict[ListenerType, tuple[bytes, ...]] = {
+    ListenerType.CLIENT: (b"/_matrix", b"/_synapse/client"),
+    ListenerType.FEDERATION: (b"/_matrix",),
+}
+
+# Paths answered by the local resource tree.
+LOCAL_PATHS = frozenset({b"/health"})
+
+# After an early answer, how long the rest of an unwanted upload is read and
+# dropped before the connection is closed. Closing at once, with unread data
+# in the socket, makes the kernel reset the connection and the client may
+# never see the answer.
+LINGER_SECONDS = 5.0
+
+
+class Route(enum.Enum):
+    FORWARD = "forward"
+    LOCAL = "local"
+
+
+class EdgeHTTPChannel(HTTPChannel):
+    """HTTP/1.1 channel whose protocol-level rejections are Matrix errors
+    too, rather than Twisted's bare ``400 Bad Request``."""
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self._reject(errors.bad_request("Malformed HTTP request"))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._reject(MatrixError(431, "M_UNKNOWN", "Request line or header too long"))
+
+    def _reject(self, error: MatrixError) -> None:
+        body = error.body()
+        client_transport(self).write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (
+                error.code,
+                b"Bad Request"
+                if error.code == 400
+                else b"Request Header Fields Too Large",
+                len(body),
+                body,
+            )
+        )
+        self.loseConnection()
+
+
+class EdgeRequest(Request):
+    """A request that is either forwarded to Synapse, streamed as it
+    arrives, or answered by the edge.
+
+    The decision is made in L{gotLength}, once the headers are in and before
+    any body byte: forwarded requests open their upstream request there, so
+    that neither the request nor the response body is ever held whole.
+    """
+
+    site: EdgeSite
+
+    def __init__(self, channel: Any, queued: Any = None):
+        super().__init__(channel)
+        self.client_ip = ""
+        self.body_complete = False
+        self._route = Route.LOCAL
+        self._has_body = False
+        self._forwarding: Forwarding | None = None
+        self._answer: MatrixError | None = None
+        self._response_done = False
+        self._started = time.monotonic()
+        self._linger: Any = None
+
+    # Twisted's hooks ------------------------------------------------------
+
+    def gotLength(self, length: int | None) -> None:
+        self.site = self.channel.site  # type: ignore[attr-defined]
+        # The channel has parsed the request line but sets method and URI on
+        # the request only once the whole body is in; read them now.
+        channel = self.channel
+        self.method = channel._command
+        self.uri = channel._path
+        self.clientproto = channel._version
+        self.path = split_target(self.uri)[0]
+        self._has_body = length != 0
+        self.client_ip = client_address(
+            self.getClientAddress().host,
+            self.requestHeaders.getRawHeaders(b"x-forwarded-for"),
+            self.site.config.trusted_proxies,
+        )
+
+        decision = self.site.route(self, length)
+        if decision is Route.LOCAL:
+            super().gotLength(length)
+            return
+        self._route = Route.FORWARD
+        self.content = BytesIO()
+        if isinstance(decision, MatrixError):
+            self.answer_early(decision)
+            return
+        self._forwarding = self.site.forwarding_for(self)
+        self._forwarding.start(length, self.client_ip)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._route is Route.LOCAL:
+            super().handleContentChunk(data)
+        elif self._forwarding is not None and not self._response_done:
+            self._forwarding.body_chunk(data)
+        # Otherwise the body is unwanted and dropped as it arrives.
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._route is Route.LOCAL:
+            super().requestReceived(command, path, version)
+            return
+        self.body_complete = True
+        if self._answer is not None and not self.startedWriting:
+            self._write_answer()
+        if self._forwarding is not None:
+            self._forwarding.body_complete()
+        self._maybe_finish()
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self._cancel_linger()
+        if not self.finished:
+            self.site.access_log.log(self)
+
+    # Used by the forwarding ----------------------------------------------
+
+    @property
+    def listener(self) -> ListenerConfig:
+        return self.site.listener
+
+    @property
+    def is_disconnected(self) -> bool:
+        return bool(self._disconnected)
+
+    @property
+    def log_target(self) -> str:
+        return redact_target(self.uri)
+
+    @property
+    def upstream_seconds(self) -> float | None:
+        """Time until Synapse's response headers, for forwarded requests."""
+        return self._forwarding.upstream_seconds if self._forwarding else None
+
+    def elapsed_seconds(self) -> float:
+        return time.monotonic() - self._started
+
+    def answer_early(self, error: MatrixError) -> None:
+        """Answer with ``error`` instead of Synapse's response.
+
+        With no body to wait for, the answer is written once the request is
+        complete; otherwise at once, and the connection closes after it.
+        """
+        if self.startedWriting:
+            # Part of a response is already out: only closing the connection
+            # tells the client it is incomplete.
+            self.abort()
+            return
+        self._answer = error
+        self.requestHeaders.removeHeader(b"expect")
+        if self._has_body and not self.body_complete:
+            self.close_after_response()
+            self._write_answer()
+
+    def close_after_response(self) -> None:
+        self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        self.channel.persistent = False
+
+    def response_complete(self) -> None:
+        self._response_done = True
+        self._maybe_finish()
+
+    def abort(self) -> None:
+        """Drop the client connection without completing the response."""
+        if not self._disconnected and self.channel is not None:
+            client_transport(self.channel).abortConnection()
+
+    # Internals --------------------------------------------------------------
+
+    def _write_answer(self) -> None:
+        assert self._answer is not None
+        write_error(self, self._answer)
+        self._response_done = True
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.finished or self._disconnected or not self._response_done:
+            return
+        if self.body_complete:
+            self._cancel_linger()
+            self.finish()
+        elif self._linger is None:
+            self._linger = self.site.clock.callLater(
+                LINGER_SECONDS, self._stop_lingering
+            )
+
+    def _stop_lingering(self) -> None:
+        self._linger = None
+        if not self._disconnected and self.channel is not None:
+            client_transport(self.channel).loseConnection()
+
+    def _cancel_linger(self) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+
+
+class EdgeSite(Site):
+    """The site for one listener."""
+
+    requestFactory = EdgeRequest  # type: ignore[assignment]
+    # HTTP/1.1 only for now: a plain channel, not the HTTP/2-switching one.
+    protocol = EdgeHTTPChannel  # type: ignore[assignment]
+    displayTracebacks = False
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        config: EdgeConfig,
+        upstream: Upstream,
+        clock: IReactorTime,
+    ):
+        root = Resource()
+        root.putChild(b"health", HealthResource())
+        super().__init__(root, timeout=config.timeouts.client_idle, reactor=clock)
+        self.listener = listener
+        self.config = config
+        self.upstream = upstream
+        self.clock = clock
+        self.access_log = AccessLog(listener.tag, config.access_log.enabled)
+        self._prefixes = FORWARDED_PREFIXES[listener.type]
+
+    def route(self, request: EdgeRequest, length: int | None) -> Route | MatrixError:
+        """Decide what happens to a request, from its raw target and
+        headers alone."""
+        problem = check_target(request.method, request.uri)
+        if problem is not None:
+            return errors.bad_request(problem)
+        hosts = request.requestHeaders.getRawHeaders(b"host") or []
+        if len(hosts) > 1:
+            return errors.bad_request("More than one Host header")
+        if not hosts:
+            if request.clientproto == b"HTTP/1.1":
+                return errors.bad_request("Missing Host header")
+            request.requestHeaders.setRawHeaders(b"Host", [self._default_host(request)])
+        path = request.path
+        if path in LOCAL_PATHS:
+            return Route.LOCAL
+        if not any(path_has_prefix(path, prefix) for prefix in self._prefixes):
+            return errors.not_found()
+        if length is not None and length > self.config.max_upload_size:
+            return errors.too_large(self.config.max_upload_size)
+        return Route.FORWARD
+
+    def forwarding_for(self, request: EdgeRequest) -> Forwarding:
+        return Forwarding(
+            request,
+            self.upstream,
+            self.clock,
+            self.config.timeouts,
+            self.config.max_upload_size,
+        )
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        assert isinstance(request, EdgeRequest)
+        self.access_log.log(request)
+
+    def _default_host(self, request: EdgeRequest) -> bytes:
+        host = request.getHost()
+        address = getattr(host, "host", "localhost")
+        if ":" in address:
+            address = f"[{address}]"
+        return f"{address}:{getattr(host, 'port', 0)}".encode("ascii")

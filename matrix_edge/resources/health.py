@@ -1,0 +1,26 @@
+"""``/health``: answered by the edge on every listener, never forwarded."""
+
+from __future__ import annotations
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from matrix_edge.http.errors import MatrixError, write_error
+
+
+class HealthResource(Resource):
+    """200 ``OK`` as text/plain, like Synapse's own ``/health``, so load
+    balancers and monitoring can probe the edge the same way."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            write_error(
+                request, MatrixError(405, "M_UNRECOGNIZED", "Unrecognized request")
+            )
+            request.setHeader(b"Allow", b"GET, HEAD")
+            return b""
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
+        return b"OK"
