@@ -1,7 +1,8 @@
 """A stand-in for Synapse that records the exact bytes each request arrived
 with, and answers in the ways the proxy must cope with.
 
-Paths it knows (anything else: 200 with a small JSON body):
+Paths it knows, also below /_matrix (anything else: 200 with a small JSON
+body):
   /big?mb=N          N MiB body with Content-Length, produced as it is read
   /chunked           a chunked response in three parts
   /hang              never answers
@@ -107,7 +108,7 @@ class UpstreamProtocol(Protocol):
         lengths = rec.headers(b"content-length")
         self._chunked = b"chunked" in b",".join(rec.headers(b"transfer-encoding")).lower()
         self._remaining = int(lengths[0]) if lengths else (None if self._chunked else 0)
-        if rec.target.split(b"?")[0] == b"/early413":
+        if _route(rec.target) == b"/early413":
             self._respond(413, b'{"errcode":"M_TOO_LARGE","error":"no"}', close=True)
 
     def _consume_body(self) -> bool:
@@ -146,8 +147,8 @@ class UpstreamProtocol(Protocol):
         self._hash.update(data)
 
     def _answer(self, rec: Recorded) -> None:
-        path, _, query = rec.target.partition(b"?")
-        args = parse_qs(query.decode())
+        path = _route(rec.target)
+        args = parse_qs(rec.target.partition(b"?")[2].decode())
         if path == b"/early413" or self.transport is None:
             return
         if path == b"/hang":
@@ -199,6 +200,13 @@ class UpstreamProtocol(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         self.factory.open_connections -= 1
         self.factory.lost.append(self.connection_id)
+
+
+def _route(target: bytes) -> bytes:
+    """The behaviour a target asks for: its path without ``/_matrix``, so
+    that ``/_matrix/hang`` (which the edge forwards) means ``/hang``."""
+    path = target.partition(b"?")[0]
+    return path[len(b"/_matrix") :] if path.startswith(b"/_matrix/") else path
 
 
 class RecordingUpstreamFactory(Factory):

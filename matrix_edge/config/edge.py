@@ -19,6 +19,7 @@ from matrix_edge.config.upstream import (
     parse_upstream,
     parse_upstream_pool,
 )
+from matrix_edge.config.well_known import WellKnownConfig, parse_well_known
 
 DEFAULT_MAX_UPLOAD_SIZE = 50 * 1024 * 1024
 
@@ -32,6 +33,7 @@ class EdgeConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     timeouts: TimeoutsConfig = attrs.field(factory=TimeoutsConfig)
     access_log: AccessLogConfig = attrs.field(factory=AccessLogConfig)
+    well_known: WellKnownConfig = attrs.field(factory=WellKnownConfig)
 
 
 _TOP_KEYS = (
@@ -42,6 +44,7 @@ _TOP_KEYS = (
     "trusted_proxies",
     "timeouts",
     "access_log",
+    "well_known",
 )
 
 
@@ -66,6 +69,7 @@ def parse_config(value: object, path: KeyPath = ()) -> EdgeConfig:
         ),
         timeouts=parse_timeouts(data.get("timeouts"), (*path, "timeouts")),
         access_log=parse_access_log(data.get("access_log"), (*path, "access_log")),
+        well_known=parse_well_known(data.get("well_known"), (*path, "well_known")),
     )
 
 

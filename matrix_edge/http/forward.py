@@ -63,6 +63,7 @@ class Forwarding:
         self._response_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
         self._timed_out = False
+        self._abandoned = False
         self._started_at = 0.0
         self.upstream_seconds: float | None = None
 
@@ -135,7 +136,7 @@ class Forwarding:
         self._cancel(self._response_timer)
         self._stop_idle_timer()
         request = self._request
-        if request.finished or request.is_disconnected:
+        if self._abandoned or request.finished or request.is_disconnected:
             return
         if self._timed_out or failure.check(ConnectTimeoutError):
             log.warn(
@@ -186,7 +187,7 @@ class Forwarding:
                 target=request.log_target,
                 reason=_describe(reason),
             )
-            request.abort()
+            request.break_off()
 
     # Cancellation and timers --------------------------------------------
 
@@ -197,11 +198,11 @@ class Forwarding:
         self._abandon_upstream()
 
     def _abandon_upstream(self) -> None:
+        self._abandoned = True
         self._cancel(self._response_timer)
         self._stop_idle_timer()
         if self._response_d is not None:
             d, self._response_d = self._response_d, None
-            d.addErrback(lambda f: None)
             # Cancel unconditionally: the Deferred already counts as called
             # once connected, and cancelling still aborts the connection.
             d.cancel()

@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http import HTTPChannel
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from matrix_edge.config.edge import EdgeConfig
@@ -24,6 +24,7 @@ from matrix_edge.http.target import check_target, path_has_prefix, split_target
 from matrix_edge.http.transport import client_transport
 from matrix_edge.http.upstream import Upstream
 from matrix_edge.resources.health import HealthResource
+from matrix_edge.resources.well_known import WellKnownResource
 
 # What each kind of listener forwards to Synapse, as in Synapse's
 # reverse-proxy documentation. /_synapse/admin is deliberately absent.
@@ -32,14 +33,28 @@ FORWARDED_PREFIXES: dict[ListenerType, tuple[bytes, ...]] = {
     ListenerType.FEDERATION: (b"/_matrix",),
 }
 
-# Paths answered by the local resource tree.
-LOCAL_PATHS = frozenset({b"/health"})
-
 # After an early answer, how long the rest of an unwanted upload is read and
 # dropped before the connection is closed. Closing at once, with unread data
 # in the socket, makes the kernel reset the connection and the client may
 # never see the answer.
 LINGER_SECONDS = 5.0
+
+
+def local_resources(
+    listener: ListenerConfig, config: EdgeConfig
+) -> dict[bytes, IResource]:
+    """The paths a listener answers itself, by exact raw path."""
+    local: dict[bytes, IResource] = {b"/health": HealthResource()}
+    if listener.type is ListenerType.CLIENT:
+        documents = {
+            b"server": config.well_known.server,
+            b"client": config.well_known.client,
+            b"support": config.well_known.support,
+        }
+        for name, body in documents.items():
+            if body is not None:
+                local[b"/.well-known/matrix/" + name] = WellKnownResource(body)
+    return local
 
 
 class Route(enum.Enum):
@@ -176,8 +191,8 @@ class EdgeRequest(Request):
     def answer_early(self, error: MatrixError) -> None:
         """Answer with ``error`` instead of Synapse's response.
 
-        With no body to wait for, the answer is written once the request is
-        complete; otherwise at once, and the connection closes after it.
+        When a request body is still arriving, the answer goes out at once
+        and the connection closes after it, the rest of the body unread.
         """
         if self.startedWriting:
             # Part of a response is already out: only closing the connection
@@ -186,9 +201,13 @@ class EdgeRequest(Request):
             return
         self._answer = error
         self.requestHeaders.removeHeader(b"expect")
-        if self._has_body and not self.body_complete:
+        if self.body_complete:
+            self._write_answer()
+        elif self._has_body:
             self.close_after_response()
             self._write_answer()
+        # Otherwise the request is still being parsed: requestReceived,
+        # moments from now, writes the answer.
 
     def close_after_response(self) -> None:
         self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
@@ -197,6 +216,20 @@ class EdgeRequest(Request):
     def response_complete(self) -> None:
         self._response_done = True
         self._maybe_finish()
+
+    def break_off(self) -> None:
+        """End a response that cannot be completed, so that the client sees
+        it is incomplete: a framed response (chunked, or with a length) is
+        cut short by an orderly close, which keeps what was sent readable;
+        an unframed one needs a reset, or its end would look complete."""
+        if self._disconnected or self.channel is None:
+            return
+        framed = self.chunked or self.responseHeaders.hasHeader(b"content-length")
+        transport = client_transport(self.channel)
+        if framed:
+            transport.loseConnection()
+        else:
+            transport.abortConnection()
 
     def abort(self) -> None:
         """Drop the client connection without completing the response."""
@@ -248,9 +281,8 @@ class EdgeSite(Site):
         upstream: Upstream,
         clock: IReactorTime,
     ):
-        root = Resource()
-        root.putChild(b"health", HealthResource())
-        super().__init__(root, timeout=config.timeouts.client_idle, reactor=clock)
+        super().__init__(Resource(), timeout=config.timeouts.client_idle, reactor=clock)
+        self._local = local_resources(listener, config)
         self.listener = listener
         self.config = config
         self.upstream = upstream
@@ -272,13 +304,18 @@ class EdgeSite(Site):
                 return errors.bad_request("Missing Host header")
             request.requestHeaders.setRawHeaders(b"Host", [self._default_host(request)])
         path = request.path
-        if path in LOCAL_PATHS:
+        if path in self._local:
             return Route.LOCAL
         if not any(path_has_prefix(path, prefix) for prefix in self._prefixes):
             return errors.not_found()
         if length is not None and length > self.config.max_upload_size:
             return errors.too_large(self.config.max_upload_size)
         return Route.FORWARD
+
+    def getResourceFor(self, request: Request) -> IResource:
+        # Local resources are found by the raw path, as routing decided;
+        # Twisted's tree would match the %xx-decoded one.
+        return self._local[request.path]
 
     def forwarding_for(self, request: EdgeRequest) -> Forwarding:
         return Forwarding(
