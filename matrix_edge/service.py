@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -47,7 +48,7 @@ class ListenerService(Service):
                 port = self._reactor.listenTCP(
                     listener.port, self._factory, backlog=511, interface=address
                 )
-            except OSError as e:
+            except CannotListenError as e:
                 if _is_tolerated_bind_error(e, address, listener.bind_addresses):
                     log.info(
                         "{address} port {port} is already covered by '::'",
@@ -77,21 +78,17 @@ class ListenerService(Service):
 
 
 def _is_tolerated_bind_error(
-    error: OSError, address: str, addresses: tuple[str, ...]
+    error: CannotListenError, address: str, addresses: tuple[str, ...]
 ) -> bool:
-    in_use = getattr(error, "socketError", error)
     return (
         address == "0.0.0.0"
         and "::" in addresses
-        and getattr(in_use, "errno", None) == errno.EADDRINUSE
+        and getattr(error.socketError, "errno", None) == errno.EADDRINUSE
     )
 
 
-def _reason(error: OSError) -> str:
-    inner = getattr(error, "socketError", None)
-    if inner is not None and getattr(inner, "strerror", None):
-        return str(inner.strerror)
-    return str(error)
+def _reason(error: CannotListenError) -> str:
+    return str(getattr(error.socketError, "strerror", None) or error.socketError)
 
 
 class UpstreamService(Service):

@@ -181,6 +181,7 @@ class UpstreamProtocol(Protocol):
                 "body_length": rec.body_length,
                 "body_sha256": rec.body_sha256,
                 "connection": rec.connection_id,
+                "head": rec.head.decode("latin-1"),
             }
         ).encode()
         self._respond(code, body)
@@ -221,3 +222,17 @@ class RecordingUpstreamFactory(Factory):
     def buildProtocol(self, addr: Any) -> Protocol:
         self.open_connections += 1
         return super().buildProtocol(addr)
+
+
+def main() -> None:
+    """Serve on 127.0.0.1:PORT, for tests that run the edge as a process."""
+    import sys
+
+    from twisted.internet import reactor
+
+    reactor.listenTCP(int(sys.argv[1]), RecordingUpstreamFactory(), interface="127.0.0.1")
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
