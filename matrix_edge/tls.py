@@ -31,7 +31,7 @@ from twisted.internet.interfaces import (
     IReactorFromThreads,
 )
 from twisted.logger import Logger
-from zope.interface import implementer  # type: ignore[import-untyped]
+from zope.interface import implementer
 
 logger = Logger()
 

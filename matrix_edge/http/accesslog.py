@@ -50,7 +50,7 @@ class AccessLog:
             upstream="-" if upstream is None else f"{upstream:.3f}sec",
             sent=request.sentLength,
             code=code,
-            method=request.method.decode("ascii", "backslashreplace"),
+            method=request.log_method,
             target=request.log_target,
             proto=request.clientproto.decode("ascii", "backslashreplace"),
             agent=(request.getHeader(b"user-agent") or b"-").decode(

@@ -7,7 +7,6 @@ pausing the other when it cannot keep up.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, cast
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -81,7 +80,7 @@ class Forwarding:
             reading = ClientReading(transport.pauseProducing, transport.resumeProducing)
             self._body = RequestBody(length, reading)
             self._arm_idle_timer()
-        self._started_at = time.monotonic()
+        self._started_at = self._clock.seconds()
         d = self._upstream.request(request.method, request.uri, headers, self._body)
         self._response_d = d
         d.addCallbacks(self._got_response, self._upstream_failed)
@@ -112,7 +111,7 @@ class Forwarding:
     def _got_response(self, response: IResponse) -> None:
         self._response_d = None
         self._cancel(self._response_timer)
-        self.upstream_seconds = time.monotonic() - self._started_at
+        self.upstream_seconds = self._clock.seconds() - self._started_at
         request = self._request
         if request.finished or request.is_disconnected:
             return
@@ -142,7 +141,7 @@ class Forwarding:
             log.warn(
                 "Upstream {upstream} timed out for {method} {target}",
                 upstream=str(self._upstream.address),
-                method=request.method,
+                method=request.log_method,
                 target=request.log_target,
             )
             error = errors.gateway_timeout()
@@ -150,7 +149,7 @@ class Forwarding:
             log.warn(
                 "Upstream {upstream} failed for {method} {target}: {reason}",
                 upstream=str(self._upstream.address),
-                method=request.method,
+                method=request.log_method,
                 target=request.log_target,
                 reason=_describe(failure),
             )
@@ -183,7 +182,7 @@ class Forwarding:
                 "Upstream {upstream} broke off the response to {method} "
                 "{target}: {reason}",
                 upstream=str(self._upstream.address),
-                method=request.method,
+                method=request.log_method,
                 target=request.log_target,
                 reason=_describe(reason),
             )
@@ -240,7 +239,7 @@ class Forwarding:
         log.info(
             "No body data moved for {seconds}s on {method} {target}; abandoning it",
             seconds=self._timeouts.body_idle,
-            method=request.method,
+            method=request.log_method,
             target=request.log_target,
         )
         self._abandon_upstream()

@@ -4,7 +4,6 @@ answers itself, and the request class that streams forwarded bodies."""
 from __future__ import annotations
 
 import enum
-import time
 from io import BytesIO
 from typing import Any
 
@@ -109,7 +108,7 @@ class EdgeRequest(Request):
         self._forwarding: Forwarding | None = None
         self._answer: MatrixError | None = None
         self._response_done = False
-        self._started = time.monotonic()
+        self._started = channel.site.clock.seconds()
         self._linger: Any = None
 
     # Twisted's hooks ------------------------------------------------------
@@ -136,6 +135,8 @@ class EdgeRequest(Request):
             return
         self._route = Route.FORWARD
         self.content = BytesIO()
+        # Synapse's headers go out as they are: no Content-Type of our own.
+        self.defaultContentType = None
         if isinstance(decision, MatrixError):
             self.answer_early(decision)
             return
@@ -177,6 +178,10 @@ class EdgeRequest(Request):
         return bool(self._disconnected)
 
     @property
+    def log_method(self) -> str:
+        return self.method.decode("ascii", "backslashreplace")
+
+    @property
     def log_target(self) -> str:
         return redact_target(self.uri)
 
@@ -186,7 +191,7 @@ class EdgeRequest(Request):
         return self._forwarding.upstream_seconds if self._forwarding else None
 
     def elapsed_seconds(self) -> float:
-        return time.monotonic() - self._started
+        return self.site.clock.seconds() - self._started
 
     def answer_early(self, error: MatrixError) -> None:
         """Answer with ``error`` instead of Synapse's response.

@@ -1,0 +1,170 @@
+"""Configuration parsing: values in Synapse's syntax, errors naming keys."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+import yaml
+
+from matrix_edge.config._base import ConfigError, format_path, parse_duration, parse_size
+from matrix_edge.config.edge import default_config_text, parse_config
+from matrix_edge.config.well_known import check_server_name
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(0, 0), (1024, 1024), ("512", 512), ("1K", 1024), ("50M", 50 << 20),
+     ("2g", 2 << 30), ("1T", 1 << 40), ("10MB", 10 << 20)],
+)
+def test_parse_size(value, expected):
+    assert parse_size(value, ("x",)) == expected
+
+
+@pytest.mark.parametrize("value", ["", "M", "1.5M", "-1", -5, "1P", True, None, [1]])
+def test_parse_size_rejects(value):
+    with pytest.raises(ConfigError) as e:
+        parse_size(value, ("max_upload_size",))
+    assert str(e.value).startswith("max_upload_size: ")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(500, 0.5), ("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0),
+     ("1d", 86400.0), ("1w", 604800.0), ("1.5s", 1.5)],
+)
+def test_parse_duration(value, expected):
+    assert parse_duration(value, ("x",)) == expected
+
+
+@pytest.mark.parametrize("value", ["30", "s", "5 years", "-1s", -1, False, 1.5])
+def test_parse_duration_rejects(value):
+    with pytest.raises(ConfigError):
+        parse_duration(value, ("timeouts", "body_idle"))
+
+
+def test_format_path():
+    assert format_path(("listeners", 1, "tls", "certificate_path")) == (
+        "listeners[1].tls.certificate_path"
+    )
+    assert format_path(()) == ""
+
+
+def _minimal(**extra):
+    document = {"listeners": [{"port": 8080}], "upstream": "http://127.0.0.1:8008"}
+    document.update(extra)
+    return document
+
+
+def test_defaults():
+    config = parse_config(_minimal())
+    [listener] = config.listeners
+    assert listener.bind_addresses == ("::", "0.0.0.0")
+    assert listener.type.value == "client"
+    assert listener.tls is None
+    assert listener.tag == "client-8080"
+    assert listener.scheme == b"http"
+    assert config.max_upload_size == 50 << 20
+    assert config.trusted_proxies == ()
+    assert config.timeouts.upstream_connect == 5.0
+    assert config.timeouts.upstream_response == 180.0
+    assert config.upstream.host == "127.0.0.1"
+    assert config.upstream.port == 8008
+    assert not config.well_known.enabled
+
+
+def test_values_are_frozen():
+    config = parse_config(_minimal())
+    with pytest.raises(AttributeError):
+        config.max_upload_size = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("upstream", "expected"),
+    [("http://127.0.0.1:8008", ("127.0.0.1", 8008, "")),
+     ("http://[::1]:8008", ("::1", 8008, "")),
+     ("http://synapse.internal", ("synapse.internal", 80, "")),
+     ("unix:/run/synapse/main.sock", ("", 0, "/run/synapse/main.sock"))],
+)
+def test_upstream_forms(upstream, expected):
+    address = parse_config(_minimal(upstream=upstream)).upstream
+    assert (address.host, address.port, address.unix_path) == expected
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"listeners": [{"port": 1}]}, "upstream: required"),
+        (_minimal(upstream="https://x:8008"), "upstream: expected http://"),
+        (_minimal(upstream="http://x:8008/"), None),
+        (_minimal(upstream="http://x:8008/_matrix"), "upstream: give the address only"),
+        (_minimal(upstream="unix:relative.sock"), "upstream: a unix socket needs"),
+        (_minimal(listeners=[{"port": 1, "type": "admin"}]), "listeners[0].type: expected"),
+        (_minimal(listeners=[{"port": 1, "bind_addresses": ["localhost"]}]),
+         "listeners[0].bind_addresses[0]: expected an IP address"),
+        (_minimal(listeners=[{"port": 1}, {"port": 1}]), "listeners[1].port: :: port 1 is already used"),
+        (_minimal(listeners=[{"port": 1, "tls": {"certificate_path": "/nonexistent"}}]),
+         "listeners[0].tls.certificate_path: file not found: /nonexistent"),
+        (_minimal(trusted_proxies="10.0.0.0/8"), "trusted_proxies: expected a list"),
+        (_minimal(trusted_proxies=["10.0.0.1/8"]), "trusted_proxies[0]: expected a CIDR"),
+        (_minimal(timeouts={"upstream_connect": 0}), "timeouts.upstream_connect: must be greater"),
+        (_minimal(timeouts={"sync": "1s"}), "timeouts.sync: unknown key"),
+        (_minimal(upstream_pool={"max_idle_connections": 0}), "upstream_pool.max_idle_connections: must be at least 1"),
+        (_minimal(access_log={"enabled": "yes"}), "access_log.enabled: expected true or false"),
+        (_minimal(well_known={"server": "x:99999"}), "well_known.server: invalid port"),
+        (_minimal(well_known={"client": "https://x"}), "well_known.client: expected a mapping"),
+        (_minimal(extra=1), "extra: unknown key"),
+        ([], "expected a mapping"),
+    ],
+)
+def test_errors_name_the_key(document, message):
+    if message is None:
+        parse_config(document)
+        return
+    with pytest.raises(ConfigError) as e:
+        parse_config(document)
+    assert message in str(e.value)
+
+
+def test_trusted_proxies_parsed():
+    config = parse_config(_minimal(trusted_proxies=["10.0.0.0/8", "2001:db8::/32"]))
+    assert config.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("2001:db8::/32"),
+    )
+
+
+def test_well_known_documents():
+    config = parse_config(_minimal(well_known={
+        "server": "hs1.test:8448",
+        "client": {"m.homeserver": {"base_url": "https://hs1.test"}},
+    }))
+    assert config.well_known.server == b'{"m.server": "hs1.test:8448"}'
+    assert config.well_known.client == b'{"m.homeserver": {"base_url": "https://hs1.test"}}'
+    assert config.well_known.support is None
+
+
+@pytest.mark.parametrize("name", ["example.org", "example.org:8448", "1.2.3.4:443",
+                                  "[::1]", "[2001:db8::1]:8448", "localhost"])
+def test_server_names_accepted(name):
+    check_server_name(name, ("well_known", "server"))
+
+
+@pytest.mark.parametrize("name", ["", "exa mple.org", "example.org:", "example.org:0",
+                                  "[::1", "[nope]:1", "a..b", "x:65536", "https://x"])
+def test_server_names_refused(name):
+    with pytest.raises(ConfigError):
+        check_server_name(name, ("well_known", "server"))
+
+
+def test_generated_config_documents_every_key():
+    document = yaml.safe_load(default_config_text())
+    for listener in document["listeners"]:
+        del listener["tls"]
+    config = parse_config(document)
+    assert config.listeners[0].port == 443
+    assert config.listeners[1].port == 8448
+    assert config == parse_config(
+        {"listeners": [{"port": 443}, {"port": 8448, "type": "federation"}],
+         "upstream": "http://127.0.0.1:8008"}
+    )

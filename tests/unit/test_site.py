@@ -1,0 +1,271 @@
+"""The request life cycle on Twisted's in-memory reactor and transports:
+exact bytes in, exact bytes out, and a clock the tests move by hand."""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+
+from matrix_edge.config.edge import parse_config
+from matrix_edge.http.site import LINGER_SECONDS, EdgeSite
+from matrix_edge.http.upstream import Upstream
+
+
+@attrs.define
+class Harness:
+    clock: MemoryReactorClock
+    site: EdgeSite
+    client: StringTransport
+    channel: object
+    upstream: StringTransport | None = None
+    upstream_protocol: object = None
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def connect_upstream(self) -> StringTransport:
+        """Complete the edge's pending connection to Synapse."""
+        host, port, factory, _timeout, _bind = self.clock.tcpClients.pop(0)
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+        protocol.makeConnection(transport)
+        self.upstream, self.upstream_protocol = transport, protocol
+        return transport
+
+    def upstream_says(self, data: bytes) -> None:
+        self.upstream_protocol.dataReceived(data)
+
+    def response(self) -> bytes:
+        return self.client.value()
+
+
+def make_harness(**overrides) -> Harness:
+    document = {
+        "listeners": [{"port": 8443, "bind_addresses": ["127.0.0.1"]}],
+        "upstream": "http://127.0.0.1:8008",
+    }
+    document.update(overrides)
+    config = parse_config(document)
+    clock = MemoryReactorClock()
+    upstream = Upstream(
+        clock, config.upstream, config.upstream_pool, config.timeouts,
+        endpoint=TCP4ClientEndpoint(clock, "127.0.0.1", 8008),
+    )
+    site = EdgeSite(config.listeners[0], config, upstream, clock)
+    channel = site.buildProtocol(IPv4Address("TCP", "203.0.113.7", 50000))
+    client = StringTransport(
+        peerAddress=IPv4Address("TCP", "203.0.113.7", 50000),
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 8443),
+    )
+    channel.makeConnection(client)
+    return Harness(clock, site, client, channel)
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def test_request_bytes_and_response_relayed():
+    h = make_harness()
+    h.send(
+        b"GET /_matrix/client/v3/rooms/%21r%3Ah/x? HTTP/1.1\r\n"
+        b"Host: hs.example:8443\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+    )
+    upstream = h.connect_upstream()
+    assert upstream.value() == (
+        b"GET /_matrix/client/v3/rooms/%21r%3Ah/x? HTTP/1.1\r\n"
+        b"Host: hs.example:8443\r\n"
+        b"X-Forwarded-For: 203.0.113.7\r\n"
+        b"X-Forwarded-Proto: http\r\n\r\n"
+    )
+    h.upstream_says(OK)
+    assert h.response().startswith(b"HTTP/1.1 200 OK\r\n")
+    assert h.response().endswith(b"\r\n\r\n{}")
+    assert not h.client.disconnecting
+
+
+def test_body_streams_before_it_is_complete():
+    h = make_harness()
+    h.send(
+        b"PUT /_matrix/client/v3/x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nhello"
+    )
+    upstream = h.connect_upstream()
+    assert upstream.value().endswith(b"\r\n\r\nhello")
+    assert b"Content-Length: 10\r\n" in upstream.value()
+    h.send(b"world")
+    assert upstream.value().endswith(b"helloworld")
+
+
+def test_response_timeout_starts_after_the_body():
+    h = make_harness(timeouts={"upstream_response": "30s", "body_idle": "60s"})
+    h.send(b"PUT /_matrix/client/v3/x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nab")
+    h.connect_upstream()
+    h.clock.advance(45)  # a slow upload, within body_idle
+    h.send(b"cd")
+    h.clock.advance(29)
+    assert h.response() == b""
+    h.clock.advance(2)
+    assert h.response().startswith(b"HTTP/1.1 504 ")
+    assert json.loads(h.response().split(b"\r\n\r\n", 1)[1])["errcode"] == "M_UNKNOWN"
+    assert h.upstream.disconnecting or h.upstream.disconnected
+
+
+def test_long_poll_within_response_timeout():
+    h = make_harness()
+    h.send(b"GET /_matrix/client/v3/sync?timeout=30000 HTTP/1.1\r\nHost: h\r\n\r\n")
+    h.connect_upstream()
+    h.clock.advance(150)  # slow initial sync: still within 180s
+    h.upstream_says(OK)
+    assert h.response().startswith(b"HTTP/1.1 200 OK")
+
+
+def test_stalled_upload_is_abandoned():
+    h = make_harness(timeouts={"body_idle": "10s"})
+    h.send(b"PUT /_matrix/client/v3/x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nab")
+    upstream = h.connect_upstream()
+    h.clock.advance(9)
+    h.send(b"cd")
+    h.clock.advance(9)
+    assert not h.client.disconnecting
+    h.clock.advance(2)
+    assert h.client.disconnected or h.client.disconnecting
+    assert upstream.disconnected or upstream.disconnecting
+
+
+def test_reader_that_stops_reading_is_dropped():
+    h = make_harness(timeouts={"body_idle": "10s"})
+    h.send(b"GET /_matrix/media/v3/download/x/y HTTP/1.1\r\nHost: h\r\n\r\n")
+    h.connect_upstream()
+    h.upstream_says(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+    h.clock.advance(11)
+    assert h.client.disconnected
+    # Stopping the upstream transport's production closes a TCP connection.
+    assert h.upstream.producerState == "stopped"
+
+
+def test_no_content_type_added_to_proxied_responses():
+    h = make_harness()
+    h.send(b"GET /_matrix/client/v3/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    h.connect_upstream()
+    h.upstream_says(b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n")
+    assert b"Content-Type" not in h.response()
+    assert h.response().startswith(b"HTTP/1.1 204 No Content\r\n")
+
+
+def test_client_idle_timeout():
+    h = make_harness(timeouts={"client_idle": "20s"})
+    h.send(b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert h.response().endswith(b"OK")
+    h.clock.advance(19)
+    assert not h.client.disconnecting
+    h.clock.advance(2)
+    assert h.client.disconnecting
+
+
+def test_too_large_answered_without_the_body_then_closed():
+    h = make_harness(max_upload_size="1K")
+    h.send(
+        b"POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: h\r\n"
+        b"Expect: 100-continue\r\nContent-Length: 5000\r\n\r\n"
+    )
+    assert h.response().startswith(b"HTTP/1.1 413 ")
+    assert b"100 Continue" not in h.response()
+    assert h.clock.tcpClients == []
+    h.send(b"x" * 1000)  # read and dropped while lingering
+    assert not h.client.disconnecting
+    h.clock.advance(LINGER_SECONDS + 1)
+    assert h.client.disconnecting
+
+
+def test_access_log_line():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h = make_harness()
+        h.send(
+            b"GET /_matrix/client/v3/sync?access_token=syt_secret&since=s1 HTTP/1.1\r\n"
+            b"Host: h\r\nUser-Agent: Element/1.0\r\n\r\n"
+        )
+        h.connect_upstream()
+        h.clock.advance(1)
+        h.upstream_says(OK)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [event] = [e for e in events if e.get("log_namespace") == "matrix_edge.access.client-8443"]
+    from twisted.logger import formatEvent
+
+    line = formatEvent(event)
+    assert line.startswith("203.0.113.7 - client-8443 - ")
+    assert "syt_secret" not in line
+    assert '"GET /_matrix/client/v3/sync?access_token=<redacted>&since=s1 HTTP/1.1"' in line
+    assert " 200 " in line and "2B" in line and '"Element/1.0"' in line
+    assert "upstream 1.000sec" in line
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [(b"GET", b"200"), (b"HEAD", b"200"), (b"POST", b"405")],
+)
+def test_health_methods(method, expected):
+    h = make_harness()
+    h.send(method + b" /health HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+    assert h.response().startswith(b"HTTP/1.1 " + expected)
+    assert h.clock.tcpClients == []
+
+
+def test_health_with_query_or_suffix_is_not_health():
+    h = make_harness()
+    h.send(b"GET /health/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert h.response().startswith(b"HTTP/1.1 404 ")
+
+
+def test_well_known_on_client_listener():
+    h = make_harness(well_known={"server": "hs1.test:8448"})
+    h.send(b"GET /.well-known/matrix/server HTTP/1.1\r\nHost: h\r\n\r\n")
+    head, body = h.response().split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"Content-Type: application/json" in head
+    assert b"Access-Control-Allow-Origin: *" in head
+    assert b"Cache-Control: public, max-age=3600" in head
+    assert json.loads(body) == {"m.server": "hs1.test:8448"}
+
+
+def test_well_known_write_methods_refused():
+    h = make_harness(well_known={"server": "hs1.test:8448"})
+    h.send(b"PUT /.well-known/matrix/server HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+    assert h.response().startswith(b"HTTP/1.1 405 ")
+
+
+def test_well_known_not_on_federation_listener():
+    h = make_harness(
+        listeners=[{"port": 8448, "type": "federation"}],
+        well_known={"server": "hs1.test:8448"},
+    )
+    h.send(b"GET /.well-known/matrix/server HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert h.response().startswith(b"HTTP/1.1 404 ")
+
+
+def test_well_known_matched_on_raw_path():
+    h = make_harness(well_known={"server": "hs1.test:8448"})
+    h.send(b"GET /.well-known/matrix/%73erver HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert h.response().startswith(b"HTTP/1.1 404 ")
+
+
+def test_overlong_header_line_is_a_json_error():
+    h = make_harness()
+    h.send(b"GET /_matrix/x HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+    assert h.response().startswith(b"HTTP/1.1 431 ")
+    assert b'"errcode": "M_UNKNOWN"' in h.response()
+    assert h.client.disconnecting
+
+
+def test_http10_without_host_gets_one():
+    h = make_harness()
+    h.send(b"GET /_matrix/client/versions HTTP/1.0\r\n\r\n")
+    upstream = h.connect_upstream()
+    assert b"\r\nHost: 127.0.0.1:8443\r\n" in upstream.value()

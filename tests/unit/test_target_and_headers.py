@@ -1,0 +1,152 @@
+"""Request-target checks and header handling, as pure functions."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.web.http_headers import Headers
+
+from matrix_edge.http.accesslog import redact_target
+from matrix_edge.http.headers import (
+    client_address,
+    connection_tokens,
+    filter_headers,
+    parse_ip,
+    upstream_request_headers,
+)
+from matrix_edge.http.target import check_target, path_has_prefix, split_target
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"/", b"/_matrix", b"/a/b%2Fc", b"/a//b/", b"/a/b?", b"/a?x=%0A", b"/a/...",
+     b"/a/.b", b"/a/b.", b"/a/%2e%2e%2e", b"/a;p", b"/%7E", b"/a/%C3%A9"],
+)
+def test_accepted_targets(target):
+    assert check_target(b"GET", target) is None
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "reason"),
+    [
+        (b"CONNECT", b"hs:443", "CONNECT"),
+        (b"GET", b"http://x/y", "Absolute-form"),
+        (b"GET", b"x/y", "must start with '/'"),
+        (b"GET", b"", "must start with '/'"),
+        (b"GET", b"/a/../b", "dot segment"),
+        (b"GET", b"/a/..", "dot segment"),
+        (b"GET", b"/a/.", "dot segment"),
+        (b"GET", b"/./a", "dot segment"),
+        (b"GET", b"/a/%2E%2e/b", "dot segment"),
+        (b"GET", b"/a/%2e./b", "dot segment"),
+        (b"GET", b"/a/%2E", "dot segment"),
+        (b"GET", b"/a b", "characters"),
+        (b"GET", b"/a#b", "characters"),
+        (b"GET", b"/a\x00", "characters"),
+        (b"GET", b"/a\x7f", "characters"),
+        (b"GET", b"/a\xff", "characters"),
+        (b"GET", b"/a%", "malformed"),
+        (b"GET", b"/a%4", "malformed"),
+        (b"GET", b"/a%g0", "malformed"),
+        (b"GET", b"/a%00", "control"),
+        (b"GET", b"/a%0d%0a", "control"),
+        (b"GET", b"/a%7F", "control"),
+        (b"GET", b"/a?b=%00", "control"),
+    ],
+)
+def test_refused_targets(method, target, reason):
+    problem = check_target(method, target)
+    assert problem is not None and reason in problem
+
+
+def test_dot_segments_in_query_are_data():
+    assert check_target(b"GET", b"/a?next=/../b") is None
+
+
+def test_split_target_keeps_empty_query():
+    assert split_target(b"/a?") == (b"/a", b"")
+    assert split_target(b"/a") == (b"/a", None)
+    assert split_target(b"/a?b?c") == (b"/a", b"b?c")
+
+
+def test_path_has_prefix():
+    assert path_has_prefix(b"/_matrix", b"/_matrix")
+    assert path_has_prefix(b"/_matrix/client", b"/_matrix")
+    assert not path_has_prefix(b"/_matrixx", b"/_matrix")
+    assert not path_has_prefix(b"/_MATRIX/client", b"/_matrix")
+
+
+def test_connection_tokens():
+    assert connection_tokens([b"keep-alive, X-Foo", b" Upgrade "]) == {
+        b"keep-alive", b"x-foo", b"upgrade"
+    }
+    assert connection_tokens(None) == frozenset()
+
+
+def test_filter_headers_keeps_repeats_and_drops_hop_by_hop():
+    headers = [
+        (b"Accept", [b"a", b"b"]),
+        (b"Connection", [b"close, X-Secret"]),
+        (b"X-Secret", [b"s"]),
+        (b"Transfer-Encoding", [b"chunked"]),
+        (b"Content-Length", [b"3"]),
+        (b"TE", [b"trailers"]),
+        (b"Set-Cookie", [b"a=1", b"b=2"]),
+    ]
+    out = filter_headers(headers, ())
+    assert dict(out.getAllRawHeaders()) == {b"Accept": [b"a", b"b"], b"Set-Cookie": [b"a=1", b"b=2"]}
+
+
+def test_upstream_headers_replace_forwarding_headers():
+    client = Headers({
+        b"Host": [b"hs:8443"],
+        b"X-Forwarded-For": [b"1.1.1.1", b"2.2.2.2"],
+        b"X-Forwarded-Proto": [b"http"],
+        b"Forwarded": [b"for=1.1.1.1"],
+        b"X-Real-IP": [b"1.1.1.1"],
+        b"Expect": [b"100-continue"],
+    })
+    out = upstream_request_headers(client, b"203.0.113.1", b"https")
+    assert out.getRawHeaders(b"host") == [b"hs:8443"]
+    assert out.getRawHeaders(b"x-forwarded-for") == [b"203.0.113.1"]
+    assert out.getRawHeaders(b"x-forwarded-proto") == [b"https"]
+    for name in (b"forwarded", b"x-real-ip", b"expect"):
+        assert not out.hasHeader(name)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(b"1.2.3.4", "1.2.3.4"), (b" ::1 ", "::1"), (b"::ffff:10.0.0.1", "10.0.0.1"),
+     (b"[2001:db8::1]", "2001:db8::1"), (b"unknown", None), (b"\xff", None)],
+)
+def test_parse_ip(text, expected):
+    address = parse_ip(text)
+    assert (str(address) if address else None) == expected
+
+
+TRUSTED = [__import__("ipaddress").ip_network(n) for n in ("10.0.0.0/8", "::1/128")]
+
+
+@pytest.mark.parametrize(
+    ("peer", "xff", "expected"),
+    [
+        ("203.0.113.5", [b"6.6.6.6"], "203.0.113.5"),          # untrusted peer: ignore XFF
+        ("::ffff:203.0.113.5", None, "203.0.113.5"),            # mapped address normalised
+        ("10.0.0.2", None, "10.0.0.2"),                          # trusted but nothing sent
+        ("10.0.0.2", [b"6.6.6.6"], "6.6.6.6"),
+        ("10.0.0.2", [b"6.6.6.6, 7.7.7.7"], "7.7.7.7"),        # rightmost untrusted wins
+        ("10.0.0.2", [b"6.6.6.6", b"7.7.7.7, 10.9.9.9"], "7.7.7.7"),
+        ("10.0.0.2", [b"10.1.1.1, 10.2.2.2"], "10.1.1.1"),     # all trusted: leftmost
+        ("10.0.0.2", [b"6.6.6.6, garbage"], "10.0.0.2"),        # unparsable hop: stop
+        ("::1", [b"::ffff:8.8.8.8"], "8.8.8.8"),
+    ],
+)
+def test_client_address(peer, xff, expected):
+    assert client_address(peer, xff, TRUSTED) == expected
+
+
+def test_redaction():
+    assert redact_target(b"/sync?access_token=syt_abc&since=1") == (
+        "/sync?access_token=<redacted>&since=1"
+    )
+    assert redact_target(b"/x?a=1&client_secret=s3cr3t") == "/x?a=1&client_secret=<redacted>"
+    assert redact_target(b"/x?my_access_token=keep") == "/x?my_access_token=keep"
