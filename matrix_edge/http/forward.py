@@ -24,7 +24,6 @@ from matrix_edge.config.timeouts import TimeoutsConfig
 from matrix_edge.http import errors
 from matrix_edge.http.body import ClientReading, RequestBody
 from matrix_edge.http.headers import filter_headers, upstream_request_headers
-from matrix_edge.http.transport import client_transport
 from matrix_edge.http.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -76,8 +75,8 @@ class Forwarding:
             request.listener.scheme,
         )
         if length != 0:
-            transport = client_transport(request.channel)
-            reading = ClientReading(transport.pauseProducing, transport.resumeProducing)
+            client = request.client_side
+            reading = ClientReading(client.pause_reading, client.resume_reading)
             self._body = RequestBody(length, reading)
             self._arm_idle_timer()
         self._started_at = self._clock.seconds()

@@ -8,7 +8,7 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, HTTPFactory, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
@@ -20,7 +20,7 @@ from matrix_edge.http.errors import MatrixError, write_error
 from matrix_edge.http.forward import Forwarding
 from matrix_edge.http.headers import client_address
 from matrix_edge.http.target import check_target, path_has_prefix, split_target
-from matrix_edge.http.transport import client_transport
+from matrix_edge.http.transport import ClientSide, client_side, transport_of
 from matrix_edge.http.upstream import Upstream
 from matrix_edge.resources.health import HealthResource
 from matrix_edge.resources.well_known import WellKnownResource
@@ -73,7 +73,7 @@ class EdgeHTTPChannel(HTTPChannel):
 
     def _reject(self, error: MatrixError) -> None:
         body = error.body()
-        client_transport(self).write(
+        transport_of(self).write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
             % (
@@ -110,17 +110,13 @@ class EdgeRequest(Request):
         self._response_done = False
         self._started = channel.site.clock.seconds()
         self._linger: Any = None
+        self.client_side: ClientSide = client_side(channel)
 
     # Twisted's hooks ------------------------------------------------------
 
     def gotLength(self, length: int | None) -> None:
         self.site = self.channel.site  # type: ignore[attr-defined]
-        # The channel has parsed the request line but sets method and URI on
-        # the request only once the whole body is in; read them now.
-        channel = self.channel
-        self.method = channel._command
-        self.uri = channel._path
-        self.clientproto = channel._version
+        self.method, self.uri, self.clientproto = self.client_side.request_line()
         self.path = split_target(self.uri)[0]
         self._has_body = length != 0
         self.client_ip = client_address(
@@ -215,8 +211,7 @@ class EdgeRequest(Request):
         # moments from now, writes the answer.
 
     def close_after_response(self) -> None:
-        self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-        self.channel.persistent = False
+        self.client_side.close_after_response(self)
 
     def response_complete(self) -> None:
         self._response_done = True
@@ -224,22 +219,15 @@ class EdgeRequest(Request):
 
     def break_off(self) -> None:
         """End a response that cannot be completed, so that the client sees
-        it is incomplete: a framed response (chunked, or with a length) is
-        cut short by an orderly close, which keeps what was sent readable;
-        an unframed one needs a reset, or its end would look complete."""
-        if self._disconnected or self.channel is None:
-            return
-        framed = self.chunked or self.responseHeaders.hasHeader(b"content-length")
-        transport = client_transport(self.channel)
-        if framed:
-            transport.loseConnection()
-        else:
-            transport.abortConnection()
+        it is incomplete."""
+        if not self._disconnected:
+            framed = self.chunked or self.responseHeaders.hasHeader(b"content-length")
+            self.client_side.cut_short(bool(framed))
 
     def abort(self) -> None:
         """Drop the client connection without completing the response."""
-        if not self._disconnected and self.channel is not None:
-            client_transport(self.channel).abortConnection()
+        if not self._disconnected:
+            self.client_side.abort()
 
     # Internals --------------------------------------------------------------
 
@@ -262,8 +250,8 @@ class EdgeRequest(Request):
 
     def _stop_lingering(self) -> None:
         self._linger = None
-        if not self._disconnected and self.channel is not None:
-            client_transport(self.channel).loseConnection()
+        if not self._disconnected:
+            self.client_side.stop_lingering()
 
     def _cancel_linger(self) -> None:
         if self._linger is not None and self._linger.active():
@@ -271,12 +259,17 @@ class EdgeRequest(Request):
         self._linger = None
 
 
+def _edge_channel(factory: HTTPFactory) -> _GenericHTTPChannelProtocol:
+    """Twisted's protocol that becomes HTTP/2 when TLS negotiates ``h2``,
+    around our HTTP/1.1 channel otherwise."""
+    return _GenericHTTPChannelProtocol(EdgeHTTPChannel())
+
+
 class EdgeSite(Site):
     """The site for one listener."""
 
     requestFactory = EdgeRequest  # type: ignore[assignment]
-    # HTTP/1.1 only for now: a plain channel, not the HTTP/2-switching one.
-    protocol = EdgeHTTPChannel  # type: ignore[assignment]
+    protocol = _edge_channel
     displayTracebacks = False
 
     def __init__(
