@@ -104,20 +104,24 @@ class UpstreamService(Service):
 
 def load_tls(config: EdgeConfig) -> dict[int, ServerTLS]:
     """The TLS context of each TLS listener, by listener index; listeners
-    with the same files share one. Load errors become L{ConfigError}s that
-    name the listener's key."""
-    by_files: dict[tuple[str, str], ServerTLS] = {}
+    with the same files and protocols share one. Load errors become
+    L{ConfigError}s that name the listener's key."""
+    shared: dict[tuple[str, str, tuple[bytes, ...]], ServerTLS] = {}
     out: dict[int, ServerTLS] = {}
     for i, listener in enumerate(config.listeners):
         if listener.tls is None:
             continue
-        key = (listener.tls.certificate_path, listener.tls.private_key_path)
-        if key not in by_files:
+        key = (
+            listener.tls.certificate_path,
+            listener.tls.private_key_path,
+            listener.alpn_protocols,
+        )
+        if key not in shared:
             try:
-                by_files[key] = ServerTLS(*key)
+                shared[key] = ServerTLS(key[0], key[1], alpn_protocols=key[2])
             except TLSConfigError as e:
                 raise ConfigError(("listeners", i, "tls"), str(e)) from e
-        out[i] = by_files[key]
+        out[i] = shared[key]
     return out
 
 

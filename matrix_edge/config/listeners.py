@@ -11,6 +11,7 @@ import attrs
 from matrix_edge.config._base import (
     KeyPath,
     fail,
+    read_bool,
     read_int,
     read_mapping,
     read_sequence,
@@ -46,13 +47,21 @@ class ListenerConfig:
     tag: str = ""
     """A short name for logs; defaults to ``<type>-<port>``."""
 
+    http2: bool = True
+    """Offer HTTP/2 through ALPN (TLS listeners only; Synapse is still
+    reached over HTTP/1.1)."""
+
+    @property
+    def alpn_protocols(self) -> tuple[bytes, ...]:
+        return (b"h2", b"http/1.1") if self.http2 else (b"http/1.1",)
+
     @property
     def scheme(self) -> bytes:
         """The value sent upstream as ``X-Forwarded-Proto``."""
         return b"https" if self.tls is not None else b"http"
 
 
-_LISTENER_KEYS = ("port", "bind_addresses", "type", "tls", "tag")
+_LISTENER_KEYS = ("port", "bind_addresses", "type", "tls", "tag", "http2")
 _TLS_KEYS = ("certificate_path", "private_key_path")
 
 
@@ -108,12 +117,19 @@ def parse_listener(value: object, path: KeyPath) -> ListenerConfig:
     if "tag" in data:
         tag = read_str(data["tag"], (*path, "tag"))
 
+    http2 = tls is not None
+    if "http2" in data:
+        http2 = read_bool(data["http2"], (*path, "http2"))
+        if http2 and tls is None:
+            fail((*path, "http2"), "HTTP/2 needs `tls` (cleartext h2c is not offered)")
+
     return ListenerConfig(
         port=port,
         type=listener_type,
         bind_addresses=bind_addresses,
         tls=tls,
         tag=tag,
+        http2=http2,
     )
 
 

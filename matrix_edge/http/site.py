@@ -134,7 +134,7 @@ class EdgeRequest(Request):
         # Synapse's headers go out as they are: no Content-Type of our own.
         self.defaultContentType = None
         if isinstance(decision, MatrixError):
-            self.answer_early(decision)
+            self._refuse(decision)
             return
         self._forwarding = self.site.forwarding_for(self)
         self._forwarding.start(length, self.client_ip)
@@ -202,6 +202,24 @@ class EdgeRequest(Request):
             return
         self._answer = error
         self.requestHeaders.removeHeader(b"expect")
+        self._write_answer_if_due()
+
+    def _refuse(self, error: MatrixError) -> None:
+        """Answer ``error`` to a request refused from its headers.
+
+        Called while the headers are parsed, when an HTTP/2 stream cannot
+        take a response yet, so the answer is written on the next turn of
+        the reactor (or by requestReceived, if the request is complete
+        first). Removing ``Expect`` now keeps Twisted from inviting a body
+        that will not be read.
+        """
+        self._answer = error
+        self.requestHeaders.removeHeader(b"expect")
+        self.site.clock.callLater(0, self._write_answer_if_due)
+
+    def _write_answer_if_due(self) -> None:
+        if self.startedWriting or self.finished or self._disconnected:
+            return
         if self.body_complete:
             self._write_answer()
         elif self._has_body:

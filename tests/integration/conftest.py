@@ -4,16 +4,20 @@ matrix-edge site in front of it, in the test process's reactor."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from matrix_edge.config.edge import EdgeConfig, parse_config
 from matrix_edge.http.site import EdgeSite
 from matrix_edge.http.upstream import Upstream
+from matrix_edge.tls import ServerTLS
+from tests.pki import make_pki
 from tests.recording_upstream import RecordingUpstreamFactory
 
 
@@ -38,12 +42,20 @@ def build_config(upstream_port: int, **overrides: Any) -> EdgeConfig:
 
 
 @pytest.fixture
-def make_stack() -> Iterator[Any]:
-    """Start an upstream and an edge; ``make_stack(**config_overrides)``."""
+def make_stack(tmp_path: Path) -> Iterator[Any]:
+    """Start an upstream and an edge; ``make_stack(**config_overrides)``,
+    with ``tls=True`` for a TLS listener (HTTP/2 offered)."""
     ports: list[Any] = []
     upstreams: list[Upstream] = []
 
-    def make(**overrides: Any) -> Stack:
+    def make(tls: bool = False, **overrides: Any) -> Stack:
+        if tls:
+            pki = make_pki(tmp_path / "pki")
+            listener = overrides.setdefault("listener", {})
+            listener["tls"] = {
+                "certificate_path": str(pki.chain_path),
+                "private_key_path": str(pki.key_path),
+            }
         factory = RecordingUpstreamFactory()
         upstream_listener = reactor.listenTCP(0, factory, interface="127.0.0.1")
         ports.append(upstream_listener)
@@ -53,8 +65,17 @@ def make_stack() -> Iterator[Any]:
             reactor, config.upstream, config.upstream_pool, config.timeouts
         )
         upstreams.append(upstream)
-        site = EdgeSite(config.listeners[0], config, upstream, reactor)
-        edge_listener = reactor.listenTCP(0, site, interface="127.0.0.1")
+        listener = config.listeners[0]
+        site = EdgeSite(listener, config, upstream, reactor)
+        edge_factory: Any = site
+        if listener.tls is not None:
+            context = ServerTLS(
+                listener.tls.certificate_path,
+                listener.tls.private_key_path,
+                alpn_protocols=listener.alpn_protocols,
+            )
+            edge_factory = TLSMemoryBIOFactory(context, False, site)
+        edge_listener = reactor.listenTCP(0, edge_factory, interface="127.0.0.1")
         ports.append(edge_listener)
         return Stack(factory, upstream_port, edge_listener.getHost().port, site, config)
 
