@@ -5,16 +5,26 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 
 from matrix_edge.config._base import ConfigError
-from matrix_edge.config.edge import EdgeConfig
+from matrix_edge.config.edge import EdgeConfig, load_config
 from matrix_edge.config.listeners import ListenerConfig
+from matrix_edge.config.upstream import UpstreamAddress
+from matrix_edge.http.routing import LiveSettings
 from matrix_edge.http.site import EdgeSite
 from matrix_edge.http.upstream import Upstream
 from matrix_edge.tls import ServerTLS, SighupService, TLSConfigError
@@ -45,9 +55,7 @@ class ListenerService(Service):
         listener = self._listener
         for address in listener.bind_addresses:
             try:
-                port = self._reactor.listenTCP(
-                    listener.port, self._factory, backlog=511, interface=address
-                )
+                port = self._listen(address)
             except CannotListenError as e:
                 if _is_tolerated_bind_error(e, address, listener.bind_addresses):
                     log.info(
@@ -64,10 +72,32 @@ class ListenerService(Service):
             log.info(
                 "Listening on {address} port {port} ({tag}, {scheme})",
                 address=address,
-                port=port.getHost().port,
+                port=listener.port,
                 tag=listener.tag,
                 scheme=listener.scheme.decode(),
             )
+
+    def _listen(self, address: str) -> IListeningPort:
+        endpoint: IStreamServerEndpoint
+        if ":" in address:
+            endpoint = TCP6ServerEndpoint(
+                self._reactor, self._listener.port, backlog=511, interface=address
+            )
+        else:
+            endpoint = TCP4ServerEndpoint(
+                self._reactor, self._listener.port, backlog=511, interface=address
+            )
+        if self._listener.proxy_protocol:
+            # The PROXY header comes first on the wire, before TLS.
+            endpoint = proxyEndpoint(endpoint)
+        outcome: list[IListeningPort | Failure] = []
+        endpoint.listen(self._factory).addBoth(outcome.append)
+        # TCP endpoints bind before listen() returns.
+        [result] = outcome
+        if isinstance(result, Failure):
+            result.raiseException()
+        assert not isinstance(result, Failure)
+        return result
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -104,47 +134,93 @@ class UpstreamService(Service):
 
 def load_tls(config: EdgeConfig) -> dict[int, ServerTLS]:
     """The TLS context of each TLS listener, by listener index; listeners
-    with the same files and protocols share one. Load errors become
-    L{ConfigError}s that name the listener's key."""
-    shared: dict[tuple[str, str, tuple[bytes, ...]], ServerTLS] = {}
+    with the same certificates and protocols share one. Load errors become
+    L{ConfigError}s that name the listener's key, down to the failing entry
+    of ``certificates`` when several are given."""
+    shared: dict[tuple[tuple[tuple[str, str], ...], tuple[bytes, ...]], ServerTLS] = {}
     out: dict[int, ServerTLS] = {}
     for i, listener in enumerate(config.listeners):
         if listener.tls is None:
             continue
-        key = (
-            listener.tls.certificate_path,
-            listener.tls.private_key_path,
-            listener.alpn_protocols,
+        files = tuple(
+            (c.certificate_path, c.private_key_path) for c in listener.tls.certificates
         )
+        key = (files, listener.alpn_protocols)
         if key not in shared:
             try:
-                shared[key] = ServerTLS(key[0], key[1], alpn_protocols=key[2])
+                shared[key] = ServerTLS.from_certificates(
+                    files, alpn_protocols=listener.alpn_protocols
+                )
             except TLSConfigError as e:
-                raise ConfigError(("listeners", i, "tls"), str(e)) from e
+                path: tuple[str | int, ...] = ("listeners", i, "tls")
+                if len(files) > 1 and e.certificate_index is not None:
+                    path = (*path, "certificates", e.certificate_index)
+                raise ConfigError(path, str(e)) from e
         out[i] = shared[key]
     return out
 
 
-def make_service(config: EdgeConfig, reactor: Any) -> MultiService:
+def make_service(
+    config: EdgeConfig, reactor: Any, config_path: str | None = None
+) -> MultiService:
     """Build the service tree for ``config``.
 
     Raises L{ConfigError} for problems only visible when loading files
-    (certificates that do not parse, keys that do not match).
+    (certificates that do not parse, keys that do not match). With
+    ``config_path``, SIGHUP re-reads that file and applies what can change
+    while running.
     """
     tls = load_tls(config)
     top = MultiService()
-    upstream = Upstream(reactor, config.upstream, config.upstream_pool, config.timeouts)
-    UpstreamService(upstream).setServiceParent(top)
-    UpstreamWatch(reactor, config.upstream, config.timeouts).setServiceParent(top)
+    upstreams: dict[UpstreamAddress, Upstream] = {}
 
+    def upstream_for(address: UpstreamAddress) -> Upstream:
+        if address not in upstreams:
+            upstream = Upstream(reactor, address, config.upstream_pool, config.timeouts)
+            upstreams[address] = upstream
+            UpstreamService(upstream).setServiceParent(top)
+            UpstreamWatch(reactor, upstream, config.upstream_check).setServiceParent(
+                top
+            )
+        return upstreams[address]
+
+    synapse = upstream_for(config.upstream)
+    live = LiveSettings(config.maintenance)
     for i, listener in enumerate(config.listeners):
-        site: IProtocolFactory = EdgeSite(listener, config, upstream, reactor)
+        fallback = upstream_for(listener.fallback) if listener.fallback else None
+        site = EdgeSite(listener, config, synapse, reactor, live, fallback)
+        factory: IProtocolFactory = site
         if i in tls:
-            site = TLSMemoryBIOFactory(tls[i], False, site)
-        ListenerService(reactor, listener, site).setServiceParent(top)
+            factory = TLSMemoryBIOFactory(tls[i], False, factory)
+        ListenerService(reactor, listener, factory).setServiceParent(top)
 
     reloader = SighupService(reactor)
     for context in {id(t): t for t in tls.values()}.values():
         reloader.add_callback(context.reload)
+    if config_path is not None:
+        reloader.add_callback(lambda: reload_settings(config_path, config, live))
     reloader.setServiceParent(top)
     return top
+
+
+def reload_settings(config_path: str, running: EdgeConfig, live: LiveSettings) -> bool:
+    """Re-read the configuration on SIGHUP and apply what can change while
+    running (maintenance mode). Other changes wait for a restart, and the
+    log says so; a file that no longer validates changes nothing."""
+    try:
+        fresh = load_config(config_path)
+    except ConfigError as e:
+        log.error("Not reloading {path}: {error}", path=config_path, error=str(e))
+        return False
+    if fresh.maintenance != live.maintenance:
+        live.maintenance = fresh.maintenance
+        log.info(
+            "Maintenance mode is now {state}",
+            state="on" if fresh.maintenance.enabled else "off",
+        )
+    if attrs.evolve(fresh, maintenance=running.maintenance) != running:
+        log.warn(
+            "{path} has changes other than `maintenance`; they apply after a restart",
+            path=config_path,
+        )
+    return True

@@ -65,6 +65,6 @@ def makeService(options: Options) -> IService:
     from matrix_edge.service import make_service
 
     try:
-        return make_service(options.edge_config, reactor)
+        return make_service(options.edge_config, reactor, options["config"])
     except ConfigError as e:
         raise SystemExit(config_error_message(options["config"], e)) from None

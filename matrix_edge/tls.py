@@ -67,6 +67,10 @@ _ServerKey = (
 class TLSConfigError(Exception):
     """A certificate or key could not be loaded; the message names the file."""
 
+    certificate_index: int | None = None
+    """The position of the failing certificate among those given to
+    L{ServerTLS}, so that configuration errors can name its key."""
+
 
 @attrs.frozen
 class _LoadedCertificate:
@@ -74,6 +78,10 @@ class _LoadedCertificate:
 
     context: SSL.Context
     chain: tuple[x509.Certificate, ...]
+    chain_path: str
+    names: tuple[str, ...]
+    """The DNS names (lower case, wildcards as ``*.example.org``) and IP
+    addresses in the subjectAltName: the server names that select it."""
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -187,7 +195,91 @@ def _load_certificate(
         ) from None
     if select_alpn is not None:
         context.set_alpn_select_callback(select_alpn)
-    return _LoadedCertificate(context=context, chain=chain)
+    return _LoadedCertificate(
+        context=context,
+        chain=chain,
+        chain_path=chain_path,
+        names=_server_names(chain[0]),
+    )
+
+
+def _server_names(cert: x509.Certificate) -> tuple[str, ...]:
+    try:
+        sans = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    except x509.ExtensionNotFound:
+        return ()
+    names = [
+        _normalise_dns_name(name) for name in sans.get_values_for_type(x509.DNSName)
+    ]
+    names += [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    return tuple(dict.fromkeys(names))
+
+
+def _normalise_dns_name(name: str) -> str:
+    return name.lower().rstrip(".")
+
+
+class _CertificateSet:
+    """The certificates of one load, and which of them serves each server
+    name (the rules are in L{ServerTLS}).
+
+    The servername callback goes on the first (default) context, which every
+    connection starts with, and switches the connection to the chosen one.
+    It is bound to this set, so a connection accepted just before a reload
+    still chooses among the certificates it started with.
+    """
+
+    def __init__(self, certificates: Sequence[_LoadedCertificate]) -> None:
+        self.certificates = tuple(certificates)
+        self.default = self.certificates[0]
+        self._exact: dict[str, _LoadedCertificate] = {}
+        # "*.example.org" is stored under "example.org".
+        self._wildcard: dict[str, _LoadedCertificate] = {}
+        self.shadowed: list[tuple[str, _LoadedCertificate, _LoadedCertificate]] = []
+        """(name, certificate listing it too, certificate serving it)."""
+        for certificate in self.certificates:
+            for name in certificate.names:
+                if name.startswith("*."):
+                    table, key = self._wildcard, name[2:]
+                else:
+                    table, key = self._exact, name
+                serving = table.setdefault(key, certificate)
+                if serving is not certificate:
+                    self.shadowed.append((name, certificate, serving))
+        if len(self.certificates) > 1:
+            # Must happen before any connection uses the context.
+            self.default.context.set_tlsext_servername_callback(self._on_servername)
+
+    def select(self, server_name: str | None) -> _LoadedCertificate:
+        """The certificate for a client asking for C{server_name}."""
+        if not server_name:
+            return self.default
+        name = _normalise_dns_name(server_name)
+        try:
+            # Some clients send an IP address despite RFC 6066.
+            name = str(ipaddress.ip_address(name))
+        except ValueError:
+            pass
+        else:
+            return self._exact.get(name, self.default)
+        exact = self._exact.get(name)
+        if exact is not None:
+            return exact
+        label, _, parent = name.partition(".")
+        if label and parent:
+            return self._wildcard.get(parent, self.default)
+        return self.default
+
+    def _on_servername(self, connection: SSL.Connection) -> None:
+        # An exception here would fail the handshake; an undecodable name is
+        # simply an unknown one.
+        raw = connection.get_servername()
+        server_name = raw.decode("ascii", "replace") if raw is not None else None
+        certificate = self.select(server_name)
+        if certificate is not self.default:
+            connection.set_context(certificate.context)
 
 
 def _describe_certificate(cert: x509.Certificate) -> str:
@@ -197,6 +289,24 @@ def _describe_certificate(cert: x509.Certificate) -> str:
         f"serial={cert.serial_number:x} "
         f"not_after={cert.not_valid_after_utc.isoformat()}"
     )
+
+
+def _warn_about_selection(certificates: _CertificateSet) -> None:
+    for name, certificate, serving in certificates.shadowed:
+        logger.warn(
+            "Certificate in {path} lists {name}, which the earlier certificate "
+            "in {serving_path} already serves",
+            path=certificate.chain_path,
+            name=name,
+            serving_path=serving.chain_path,
+        )
+    for certificate in certificates.certificates[1:]:
+        if not certificate.names:
+            logger.warn(
+                "Certificate in {path} has no DNS or IP subjectAltName, so no "
+                "server name selects it",
+                path=certificate.chain_path,
+            )
 
 
 def _warn_if_not_current(cert: x509.Certificate, path: str) -> None:
@@ -223,16 +333,29 @@ class ServerTLS:
     certificate first, then intermediates, like ``fullchain.pem``) with the
     key in ``private_key_path``. TLS 1.2 is the minimum.
 
+    L{from_certificates} serves several such pairs on one listener, chosen by
+    the server name the client sends (SNI) among the DNS names and IP
+    addresses in each certificate's subjectAltName. A wildcard
+    ``*.example.org`` matches exactly one label, and an exact name wins over
+    a wildcard; when several certificates list the same name the first one
+    serves it (a warning is logged). A client sending no server name, or one
+    no certificate lists, gets the first certificate. All certificates share
+    the TLS settings and ALPN.
+
     ALPN picks the first of ``alpn_protocols`` (in server preference order)
     that the client offers. A client offering none of them gets no ALPN
     answer, and a client not using ALPN is unaffected; both are then treated
     as HTTP/1.1 by Twisted.
 
-    Each connection takes the context current at accept time, so a reload
-    only affects new handshakes. Certificates per server name (SNI) can be
-    added later by keeping one ``_LoadedCertificate`` per name and switching
-    with a servername callback on the default context.
+    Each connection takes the certificates current at accept time, so a
+    reload only affects new handshakes.
     """
+
+    certificate_files: tuple[tuple[str, str], ...]
+    """(certificate chain path, private key path) of each certificate; the
+    first is the default."""
+
+    alpn_protocols: tuple[bytes, ...]
 
     def __init__(
         self,
@@ -240,27 +363,80 @@ class ServerTLS:
         private_key_path: str | os.PathLike[str],
         alpn_protocols: Sequence[bytes] = (b"http/1.1",),
     ) -> None:
-        self.certificate_chain_path = os.fspath(certificate_chain_path)
-        self.private_key_path = os.fspath(private_key_path)
-        self.alpn_protocols: tuple[bytes, ...] = tuple(alpn_protocols)
+        self._setup([(certificate_chain_path, private_key_path)], alpn_protocols)
+
+    @classmethod
+    def from_certificates(
+        cls,
+        certificates: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
+        alpn_protocols: Sequence[bytes] = (b"http/1.1",),
+    ) -> ServerTLS:
+        """Serve several (certificate chain path, private key path) pairs,
+        chosen by SNI; the first serves clients asking for no listed name.
+
+        A L{TLSConfigError} says which pair failed in its
+        C{certificate_index}.
+        """
+        tls = cls.__new__(cls)
+        tls._setup(certificates, alpn_protocols)
+        return tls
+
+    def _setup(
+        self,
+        certificates: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
+        alpn_protocols: Sequence[bytes],
+    ) -> None:
+        if not certificates:
+            raise ValueError("at least one certificate is needed")
+        self.certificate_files = tuple(
+            (os.fspath(chain), os.fspath(key)) for chain, key in certificates
+        )
+        self.alpn_protocols = tuple(alpn_protocols)
         for protocol in self.alpn_protocols:
             if not isinstance(protocol, bytes) or not 0 < len(protocol) < 256:
                 raise ValueError(
                     f"ALPN protocol names must be 1-255 bytes: {protocol!r}"
                 )
         self._current = self._load()
+        self._log_loaded()
 
     def __repr__(self) -> str:
-        return f"<ServerTLS {self.certificate_chain_path} key={self.private_key_path}>"
-
-    def _load(self) -> _LoadedCertificate:
-        loaded = _load_certificate(
-            self.certificate_chain_path,
-            self.private_key_path,
-            self._select_alpn if self.alpn_protocols else None,
+        more = len(self.certificate_files) - 1
+        return (
+            f"<ServerTLS {self.certificate_chain_path} key={self.private_key_path}"
+            + (f" and {more} more" if more else "")
+            + ">"
         )
-        _warn_if_not_current(loaded.leaf, self.certificate_chain_path)
-        return loaded
+
+    @property
+    def certificate_chain_path(self) -> str:
+        """The chain file of the default certificate."""
+        return self.certificate_files[0][0]
+
+    @property
+    def private_key_path(self) -> str:
+        """The key file of the default certificate."""
+        return self.certificate_files[0][1]
+
+    def _load(self) -> _CertificateSet:
+        """Load every certificate, or raise for the first that fails."""
+        select_alpn = self._select_alpn if self.alpn_protocols else None
+        loaded = []
+        for index, (chain_path, key_path) in enumerate(self.certificate_files):
+            try:
+                certificate = _load_certificate(chain_path, key_path, select_alpn)
+            except TLSConfigError as e:
+                e.certificate_index = index
+                raise
+            loaded.append(certificate)
+        return _CertificateSet(loaded)
+
+    def _log_loaded(self) -> None:
+        for certificate in self._current.certificates:
+            _warn_if_not_current(certificate.leaf, certificate.chain_path)
+        _warn_about_selection(self._current)
+        for line in self._descriptions():
+            logger.info("TLS certificate loaded: {description}", description=line)
 
     def _select_alpn(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
         for protocol in self.alpn_protocols:
@@ -270,25 +446,49 @@ class ServerTLS:
 
     @property
     def certificate(self) -> x509.Certificate:
-        """The server certificate currently served."""
-        return self._current.leaf
+        """The default server certificate currently served."""
+        return self._current.default.leaf
 
     @property
     def chain(self) -> tuple[x509.Certificate, ...]:
-        """The server certificate followed by the intermediates served."""
-        return self._current.chain
+        """The default server certificate followed by its intermediates."""
+        return self._current.default.chain
+
+    @property
+    def certificates(self) -> tuple[x509.Certificate, ...]:
+        """Every server certificate currently served, default first."""
+        return tuple(c.leaf for c in self._current.certificates)
+
+    def certificate_for(self, server_name: str | None) -> x509.Certificate:
+        """The server certificate a client sending C{server_name} (SNI)
+        gets."""
+        return self._current.select(server_name).leaf
 
     def describe(self) -> str:
-        """One line for logs: the certificate served and the ALPN list."""
+        """For logs: one line per certificate, with the names it serves and
+        the ALPN list."""
+        return "\n".join(self._descriptions())
+
+    def _descriptions(self) -> list[str]:
         alpn = ",".join(p.decode("ascii", "replace") for p in self.alpn_protocols)
-        return (
-            f"{self.certificate_chain_path}: {_describe_certificate(self.certificate)} "
-            f"chain_length={len(self.chain)} alpn={alpn or '-'}"
-        )
+        several = len(self._current.certificates) > 1
+        lines = []
+        for certificate in self._current.certificates:
+            default = (
+                " (default)" if several and certificate is self._current.default else ""
+            )
+            lines.append(
+                f"{certificate.chain_path}{default}: "
+                f"{_describe_certificate(certificate.leaf)} "
+                f"chain_length={len(certificate.chain)} "
+                f"names={','.join(certificate.names) or '-'} alpn={alpn or '-'}"
+            )
+        return lines
 
     def reload(self) -> bool:
-        """Re-read the certificate and key files and serve them to new
-        connections. On failure keep serving the previous ones.
+        """Re-read all certificate and key files and serve them to new
+        connections. If any fails to load, keep serving all the previous
+        ones, so that the certificates never come from different reloads.
 
         @return: whether the new files were loaded.
         """
@@ -296,19 +496,17 @@ class ServerTLS:
             loaded = self._load()
         except TLSConfigError as e:
             logger.error(
-                "TLS reload failed, still serving the previous certificate: {error}",
+                "TLS reload failed, still serving the previous certificates: {error}",
                 error=str(e),
             )
             return False
         self._current = loaded
-        logger.info(
-            "TLS certificate loaded: {description}", description=self.describe()
-        )
+        self._log_loaded()
         return True
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         """Create the OpenSSL connection for one accepted TCP connection."""
-        return SSL.Connection(self._current.context, None)
+        return SSL.Connection(self._current.default.context, None)
 
 
 class SighupService(Service):

@@ -3,20 +3,30 @@ default that ``--generate-config`` writes."""
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 
 import attrs
 import yaml
 
-from matrix_edge.config._base import ConfigError, KeyPath, parse_size, read_mapping
+from matrix_edge.config._base import (
+    ConfigError,
+    KeyPath,
+    parse_size,
+    read_mapping,
+    read_str,
+)
 from matrix_edge.config.access_log import AccessLogConfig, parse_access_log
 from matrix_edge.config.listeners import ListenerConfig, parse_listeners
-from matrix_edge.config.proxies import IPNetwork, parse_trusted_proxies
+from matrix_edge.config.maintenance import MaintenanceConfig, parse_maintenance
+from matrix_edge.config.proxies import IPNetwork, parse_networks
 from matrix_edge.config.timeouts import TimeoutsConfig, parse_timeouts
 from matrix_edge.config.upstream import (
     UpstreamAddress,
+    UpstreamCheckConfig,
     UpstreamPoolConfig,
     parse_upstream,
+    parse_upstream_check,
     parse_upstream_pool,
 )
 from matrix_edge.config.well_known import WellKnownConfig, parse_well_known
@@ -29,22 +39,34 @@ class EdgeConfig:
     listeners: tuple[ListenerConfig, ...]
     upstream: UpstreamAddress
     upstream_pool: UpstreamPoolConfig = attrs.field(factory=UpstreamPoolConfig)
+    upstream_check: UpstreamCheckConfig = attrs.field(factory=UpstreamCheckConfig)
     max_upload_size: int = DEFAULT_MAX_UPLOAD_SIZE
+    """The body limit for media uploads."""
+
+    max_request_size: int = DEFAULT_MAX_UPLOAD_SIZE
+    """The body limit for every other request."""
+
+    request_id_header: str = "X-Request-ID"
     trusted_proxies: tuple[IPNetwork, ...] = ()
     timeouts: TimeoutsConfig = attrs.field(factory=TimeoutsConfig)
     access_log: AccessLogConfig = attrs.field(factory=AccessLogConfig)
     well_known: WellKnownConfig = attrs.field(factory=WellKnownConfig)
+    maintenance: MaintenanceConfig = attrs.field(factory=MaintenanceConfig)
 
 
 _TOP_KEYS = (
     "listeners",
     "upstream",
     "upstream_pool",
+    "upstream_check",
     "max_upload_size",
+    "max_request_size",
+    "request_id_header",
     "trusted_proxies",
     "timeouts",
     "access_log",
     "well_known",
+    "maintenance",
 )
 
 
@@ -54,23 +76,46 @@ def parse_config(value: object, path: KeyPath = ()) -> EdgeConfig:
     for required in ("listeners", "upstream"):
         if required not in data:
             raise ConfigError((*path, required), "required")
+    max_upload_size = parse_size(
+        data.get("max_upload_size", DEFAULT_MAX_UPLOAD_SIZE),
+        (*path, "max_upload_size"),
+    )
     return EdgeConfig(
         listeners=parse_listeners(data["listeners"], (*path, "listeners")),
         upstream=parse_upstream(data["upstream"], (*path, "upstream")),
         upstream_pool=parse_upstream_pool(
             data.get("upstream_pool"), (*path, "upstream_pool")
         ),
-        max_upload_size=parse_size(
-            data.get("max_upload_size", DEFAULT_MAX_UPLOAD_SIZE),
-            (*path, "max_upload_size"),
+        upstream_check=parse_upstream_check(
+            data.get("upstream_check"), (*path, "upstream_check")
         ),
-        trusted_proxies=parse_trusted_proxies(
+        max_upload_size=max_upload_size,
+        max_request_size=parse_size(
+            data.get("max_request_size", max_upload_size),
+            (*path, "max_request_size"),
+        ),
+        request_id_header=_parse_header_name(
+            data.get("request_id_header", "X-Request-ID"),
+            (*path, "request_id_header"),
+        ),
+        trusted_proxies=parse_networks(
             data.get("trusted_proxies"), (*path, "trusted_proxies")
         ),
         timeouts=parse_timeouts(data.get("timeouts"), (*path, "timeouts")),
         access_log=parse_access_log(data.get("access_log"), (*path, "access_log")),
         well_known=parse_well_known(data.get("well_known"), (*path, "well_known")),
+        maintenance=parse_maintenance(data.get("maintenance"), (*path, "maintenance")),
     )
+
+
+_TOKEN = re.compile(r"\A[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+
+
+def _parse_header_name(value: object, path: KeyPath) -> str:
+    name = read_str(value, path)
+    if not _TOKEN.match(name):
+        raise ConfigError(path, f"not a valid header name: {name!r}")
+    return name
 
 
 def load_config(filename: str) -> EdgeConfig:

@@ -17,6 +17,8 @@ from matrix_edge.config._base import (
     read_sequence,
     read_str,
 )
+from matrix_edge.config.proxies import IPNetwork, parse_networks
+from matrix_edge.config.upstream import UpstreamAddress, parse_upstream
 
 # Synapse's own default: a dual-stack wildcard, with 0.0.0.0 listed so that
 # hosts with IPv6 disabled still listen (the second bind failing is tolerated).
@@ -31,11 +33,26 @@ class ListenerType(enum.Enum):
 
 
 @attrs.frozen
-class TLSConfig:
+class CertificateFiles:
     certificate_path: str
     """PEM file with the certificate followed by its intermediates."""
 
     private_key_path: str
+
+
+@attrs.frozen
+class TLSConfig:
+    certificates: tuple[CertificateFiles, ...]
+    """One or more certificates, chosen by the name the client asks for
+    (SNI); the first one serves clients that ask for none of them."""
+
+    @property
+    def certificate_path(self) -> str:
+        return self.certificates[0].certificate_path
+
+    @property
+    def private_key_path(self) -> str:
+        return self.certificates[0].private_key_path
 
 
 @attrs.frozen
@@ -51,6 +68,18 @@ class ListenerConfig:
     """Offer HTTP/2 through ALPN (TLS listeners only; Synapse is still
     reached over HTTP/1.1)."""
 
+    admin_allow: tuple[IPNetwork, ...] = ()
+    """Client addresses that may reach ``/_synapse/admin`` here; none by
+    default."""
+
+    proxy_protocol: bool = False
+    """Connections start with a PROXY protocol (v1 or v2) header giving the
+    client's address, as sent by HAProxy or a cloud load balancer."""
+
+    fallback: UpstreamAddress | None = None
+    """Where requests outside the Matrix paths go (a web server), instead of
+    a 404 from the edge."""
+
     @property
     def alpn_protocols(self) -> tuple[bytes, ...]:
         return (b"h2", b"http/1.1") if self.http2 else (b"http/1.1",)
@@ -61,8 +90,18 @@ class ListenerConfig:
         return b"https" if self.tls is not None else b"http"
 
 
-_LISTENER_KEYS = ("port", "bind_addresses", "type", "tls", "tag", "http2")
-_TLS_KEYS = ("certificate_path", "private_key_path")
+_LISTENER_KEYS = (
+    "port",
+    "bind_addresses",
+    "type",
+    "tls",
+    "tag",
+    "http2",
+    "admin_allow",
+    "proxy_protocol",
+    "fallback",
+)
+_CERTIFICATE_KEYS = ("certificate_path", "private_key_path")
 
 
 def parse_listeners(value: object, path: KeyPath) -> tuple[ListenerConfig, ...]:
@@ -123,6 +162,10 @@ def parse_listener(value: object, path: KeyPath) -> ListenerConfig:
         if http2 and tls is None:
             fail((*path, "http2"), "HTTP/2 needs `tls` (cleartext h2c is not offered)")
 
+    fallback = None
+    if data.get("fallback") is not None:
+        fallback = parse_upstream(data["fallback"], (*path, "fallback"))
+
     return ListenerConfig(
         port=port,
         type=listener_type,
@@ -130,15 +173,39 @@ def parse_listener(value: object, path: KeyPath) -> ListenerConfig:
         tls=tls,
         tag=tag,
         http2=http2,
+        admin_allow=parse_networks(data.get("admin_allow"), (*path, "admin_allow")),
+        proxy_protocol=read_bool(
+            data.get("proxy_protocol", False), (*path, "proxy_protocol")
+        ),
+        fallback=fallback,
     )
 
 
 def parse_tls(value: object, path: KeyPath) -> TLSConfig:
+    """``tls`` holds one certificate, or ``certificates``: a list of them
+    for SNI."""
     if value is False:
         fail(path, "omit the key for a plain HTTP listener")
-    data = read_mapping(value, path, _TLS_KEYS)
+    data = read_mapping(value, path, (*_CERTIFICATE_KEYS, "certificates"))
+    if "certificates" in data:
+        if any(key in data for key in _CERTIFICATE_KEYS):
+            fail(path, "give either `certificates` or one certificate, not both")
+        items = read_sequence(data["certificates"], (*path, "certificates"))
+        if not items:
+            fail((*path, "certificates"), "at least one certificate is required")
+        certificates = tuple(
+            _parse_certificate(item, (*path, "certificates", i))
+            for i, item in enumerate(items)
+        )
+    else:
+        certificates = (_parse_certificate(data, path),)
+    return TLSConfig(certificates=certificates)
+
+
+def _parse_certificate(value: object, path: KeyPath) -> CertificateFiles:
+    data = read_mapping(value, path, _CERTIFICATE_KEYS)
     paths = {}
-    for key in _TLS_KEYS:
+    for key in _CERTIFICATE_KEYS:
         if key not in data:
             fail((*path, key), "required")
         file_path = read_str(data[key], (*path, key))
@@ -147,7 +214,7 @@ def parse_tls(value: object, path: KeyPath) -> TLSConfig:
         if not os.access(file_path, os.R_OK):
             fail((*path, key), f"file not readable: {file_path}")
         paths[key] = file_path
-    return TLSConfig(**paths)
+    return CertificateFiles(**paths)
 
 
 def _read_ip(value: object, path: KeyPath) -> str:
@@ -157,12 +224,3 @@ def _read_ip(value: object, path: KeyPath) -> str:
     except ValueError:
         fail(path, f"expected an IP address such as '::' or '127.0.0.1', got {text!r}")
     return text
-
-
-__all__ = [
-    "DEFAULT_BIND_ADDRESSES",
-    "ListenerConfig",
-    "ListenerType",
-    "TLSConfig",
-    "parse_listeners",
-]

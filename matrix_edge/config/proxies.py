@@ -1,4 +1,5 @@
-"""The ``trusted_proxies`` key: peers whose ``X-Forwarded-For`` is believed."""
+"""Address ranges: ``trusted_proxies`` (peers whose ``X-Forwarded-For`` is
+believed) and allow-lists such as a listener's ``admin_allow``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from matrix_edge.config._base import KeyPath, fail, read_sequence, read_str
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def parse_trusted_proxies(value: object, path: KeyPath) -> tuple[IPNetwork, ...]:
+def parse_networks(value: object, path: KeyPath) -> tuple[IPNetwork, ...]:
     if value is None:
         return ()
     networks = []

@@ -13,6 +13,7 @@ from matrix_edge.config._base import (
     KeyPath,
     fail,
     parse_duration,
+    read_bool,
     read_int,
     read_mapping,
     read_str,
@@ -49,6 +50,38 @@ class UpstreamPoolConfig:
 
     idle_timeout: float = 60.0
     """How long an idle pooled connection is kept open."""
+
+
+@attrs.frozen
+class UpstreamCheckConfig:
+    """Active checks of Synapse's ``/health``, as relayd's ``check``."""
+
+    enabled: bool = True
+    path: str = "/health"
+    interval: float = 5.0
+    """Between checks while Synapse answers; checks are every second while
+    it does not, so that it is seen back soon."""
+
+    fail_fast: bool = True
+    """While the check fails, answer 502 at once instead of letting every
+    request wait for its own connection attempt."""
+
+
+def parse_upstream_check(value: object, path: KeyPath) -> UpstreamCheckConfig:
+    data = read_mapping(value, path, ("enabled", "path", "interval", "fail_fast"))
+    defaults = UpstreamCheckConfig()
+    check_path = read_str(data.get("path", defaults.path), (*path, "path"))
+    if not check_path.startswith("/") or any(c in check_path for c in " #"):
+        fail((*path, "path"), f"expected a path such as /health, got {check_path!r}")
+    interval = parse_duration(data.get("interval", "5s"), (*path, "interval"))
+    if interval <= 0:
+        fail((*path, "interval"), "must be greater than zero")
+    return UpstreamCheckConfig(
+        enabled=read_bool(data.get("enabled", True), (*path, "enabled")),
+        path=check_path,
+        interval=interval,
+        fail_fast=read_bool(data.get("fail_fast", True), (*path, "fail_fast")),
+    )
 
 
 def parse_upstream(value: object, path: KeyPath) -> UpstreamAddress:

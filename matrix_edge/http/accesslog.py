@@ -1,16 +1,22 @@
-"""One line per request, in the spirit of Synapse's request log."""
+"""One entry per request: a line in the spirit of Synapse's request log, or
+a JSON object for log shippers."""
 
 from __future__ import annotations
 
+import json
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
+
+from matrix_edge.config.access_log import AccessLogConfig, AccessLogFormat
 
 if TYPE_CHECKING:
     from matrix_edge.http.site import EdgeRequest
 
 _SECRET_PARAMS = re.compile(rb"(?<=[?&])(access_token|client_secret)=[^&]*")
+_X_MATRIX_ORIGIN = re.compile(rb'(?:^|[\s,])origin="?([^",\s]+)"?', re.IGNORECASE)
 
 
 def redact_target(target: bytes) -> str:
@@ -20,40 +26,80 @@ def redact_target(target: bytes) -> str:
     return redacted.decode("ascii", "backslashreplace")
 
 
-class AccessLog:
-    """Writes access lines for one listener through twisted.logger.
+def federation_origin(authorization: Sequence[bytes] | None) -> str | None:
+    """The ``origin`` of an ``Authorization: X-Matrix`` header: the server
+    that signed a federation request. The signature itself is not kept."""
+    for value in authorization or ():
+        scheme, _, params = value.partition(b" ")
+        if scheme.lower() == b"x-matrix":
+            found = _X_MATRIX_ORIGIN.search(params)
+            if found:
+                return found.group(1).decode("ascii", "backslashreplace")
+    return None
 
-    Lines go to the ``matrix_edge.access.<tag>`` namespace at INFO, apart
-    from ``/health`` probes, which are logged at DEBUG so that monitoring
-    does not flood the log.
+
+class AccessLog:
+    """Writes access entries for one listener through twisted.logger.
+
+    Entries go to the ``matrix_edge.access.<tag>`` namespace at INFO, apart
+    from ``/health`` and ``/ready`` probes, which are logged at DEBUG so that
+    monitoring does not flood the log.
     """
 
-    def __init__(self, tag: str, enabled: bool):
+    def __init__(self, tag: str, config: AccessLogConfig):
         self._log = Logger(namespace=f"matrix_edge.access.{tag}")
         self._tag = tag
-        self._enabled = enabled
+        self._enabled = config.enabled
+        self._json = config.format is AccessLogFormat.JSON
 
     def log(self, request: EdgeRequest) -> None:
         if not self._enabled:
             return
-        code = f"{request.code}" if not request.is_disconnected else f"{request.code}!"
-        if request.is_disconnected and not request.startedWriting:
-            code = "499!"
-        upstream = request.upstream_seconds
-        emit = self._log.debug if request.path == b"/health" else self._log.info
-        emit(
-            "{client} - {tag} - {total:.3f}sec (upstream {upstream}) {sent}B {code} "
-            '"{method} {target} {proto}" "{agent}"',
-            client=request.client_ip,
-            tag=self._tag,
-            total=request.elapsed_seconds(),
-            upstream="-" if upstream is None else f"{upstream:.3f}sec",
-            sent=request.sentLength,
-            code=code,
-            method=request.log_method,
-            target=request.log_target,
-            proto=request.clientproto.decode("ascii", "backslashreplace"),
-            agent=(request.getHeader(b"user-agent") or b"-").decode(
-                "ascii", "backslashreplace"
-            ),
+        fields = self._fields(request)
+        emit = (
+            self._log.debug
+            if request.path in (b"/health", b"/ready")
+            else self._log.info
         )
+        if self._json:
+            emit("{access_json}", access_json=json.dumps(fields), access=fields)
+            return
+        upstream = fields["upstream_seconds"]
+        emit(
+            "{client} - {tag} - {{{request_id}}} {total:.3f}sec (upstream {upstream}) "
+            '{sent}B {code} "{method} {target} {proto}" "{agent}"',
+            client=fields["client"],
+            tag=self._tag,
+            request_id=fields["request_id"],
+            total=fields["total_seconds"],
+            upstream="-" if upstream is None else f"{upstream:.3f}sec",
+            sent=fields["bytes"],
+            code=fields["status"],
+            method=fields["method"],
+            target=fields["target"],
+            proto=fields["protocol"],
+            agent=fields["user_agent"] or "-",
+            access=fields,
+        )
+
+    def _fields(self, request: EdgeRequest) -> dict[str, Any]:
+        status = f"{request.code}"
+        if request.is_disconnected:
+            status = f"{request.code}!" if request.startedWriting else "499!"
+        agent = request.getHeader(b"user-agent")
+        return {
+            "client": request.client_ip,
+            "listener": self._tag,
+            "request_id": request.request_id,
+            "method": request.log_method,
+            "target": request.log_target,
+            "protocol": request.clientproto.decode("ascii", "backslashreplace"),
+            "status": status,
+            "bytes": request.sentLength,
+            "upstream_seconds": request.upstream_seconds,
+            "total_seconds": round(request.elapsed_seconds(), 6),
+            "user_agent": agent.decode("ascii", "backslashreplace") if agent else None,
+            "origin": federation_origin(
+                request.requestHeaders.getRawHeaders(b"authorization")
+            ),
+        }

@@ -27,6 +27,8 @@ class MatrixError:
     code: int
     errcode: str
     msg: str
+    retry_after: float | None = None
+    """Seconds, sent as ``Retry-After``."""
 
     def body(self) -> bytes:
         return json.dumps({"errcode": self.errcode, "error": self.msg}).encode()
@@ -38,6 +40,14 @@ def bad_request(msg: str) -> MatrixError:
 
 def not_found() -> MatrixError:
     return MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
+
+
+def forbidden(msg: str) -> MatrixError:
+    return MatrixError(403, "M_FORBIDDEN", msg)
+
+
+def unavailable(msg: str, retry_after: float) -> MatrixError:
+    return MatrixError(503, "M_UNKNOWN", msg, retry_after=retry_after)
 
 
 def too_large(limit: int) -> MatrixError:
@@ -68,5 +78,7 @@ def write_error(request: Request, error: MatrixError) -> None:
     headers.setRawHeaders(b"Cache-Control", [b"no-cache, no-store, must-revalidate"])
     for name, value in CORS_HEADERS:
         headers.setRawHeaders(name, [value])
+    if error.retry_after is not None:
+        headers.setRawHeaders(b"Retry-After", [b"%d" % round(error.retry_after)])
     if request.method != b"HEAD":
         request.write(body)

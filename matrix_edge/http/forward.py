@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, cast
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -73,6 +73,7 @@ class Forwarding:
             request.requestHeaders,
             forwarded_for.encode("ascii"),
             request.listener.scheme,
+            request_id=(request.request_id_header, request.request_id.encode()),
         )
         if length != 0:
             client = request.client_side
@@ -109,6 +110,7 @@ class Forwarding:
 
     def _got_response(self, response: IResponse) -> None:
         self._response_d = None
+        self._upstream.mark(True)
         self._cancel(self._response_timer)
         self.upstream_seconds = self._clock.seconds() - self._started_at
         request = self._request
@@ -136,6 +138,9 @@ class Forwarding:
         request = self._request
         if self._abandoned or request.finished or request.is_disconnected:
             return
+        if failure.check(ConnectError):
+            # Passive detection: the active check confirms recovery.
+            self._upstream.mark(False, _describe(failure))
         if self._timed_out or failure.check(ConnectTimeoutError):
             log.warn(
                 "Upstream {upstream} timed out for {method} {target}",

@@ -82,17 +82,22 @@ def upstream_request_headers(
     client_headers: Headers,
     forwarded_for: bytes,
     forwarded_proto: bytes,
+    request_id: tuple[bytes, bytes] | None = None,
 ) -> Headers:
     """The headers sent to Synapse for a client request.
 
     ``X-Forwarded-For`` is replaced, not appended to: Synapse believes the
-    first address in it, so a client-sent value would otherwise win.
+    first address in it, so a client-sent value would otherwise win. The
+    request ID header, when given as (name, value), replaces the client's.
     """
-    out = filter_headers(
-        client_headers.getAllRawHeaders(), FORWARDING_HEADERS | _REQUEST_ONLY_DROPPED
-    )
+    drop = FORWARDING_HEADERS | _REQUEST_ONLY_DROPPED
+    if request_id is not None:
+        drop = drop | {request_id[0].lower()}
+    out = filter_headers(client_headers.getAllRawHeaders(), drop)
     out.setRawHeaders(b"X-Forwarded-For", [forwarded_for])
     out.setRawHeaders(b"X-Forwarded-Proto", [forwarded_proto])
+    if request_id is not None:
+        out.setRawHeaders(request_id[0], [request_id[1]])
     return out
 
 
@@ -140,6 +145,12 @@ def client_address(
         if not _is_trusted(address, trusted):
             break
     return str(client)
+
+
+def is_trusted(peer: str, trusted: Sequence[IPNetwork]) -> bool:
+    """Whether the connection comes from a configured trusted proxy."""
+    address = parse_ip(peer)
+    return address is not None and _is_trusted(address, trusted)
 
 
 def _is_trusted(

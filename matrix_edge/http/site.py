@@ -3,7 +3,6 @@ answers itself, and the request class that streams forwarded bodies."""
 
 from __future__ import annotations
 
-import enum
 from io import BytesIO
 from typing import Any
 
@@ -18,19 +17,15 @@ from matrix_edge.http import errors
 from matrix_edge.http.accesslog import AccessLog, redact_target
 from matrix_edge.http.errors import MatrixError, write_error
 from matrix_edge.http.forward import Forwarding
-from matrix_edge.http.headers import client_address
-from matrix_edge.http.target import check_target, path_has_prefix, split_target
+from matrix_edge.http.headers import client_address, is_trusted
+from matrix_edge.http.request_id import request_id_for
+from matrix_edge.http.routing import LOCAL, Forward, LiveSettings, Router
+from matrix_edge.http.target import split_target
 from matrix_edge.http.transport import ClientSide, client_side, transport_of
 from matrix_edge.http.upstream import Upstream
 from matrix_edge.resources.health import HealthResource
+from matrix_edge.resources.ready import ReadyResource
 from matrix_edge.resources.well_known import WellKnownResource
-
-# What each kind of listener forwards to Synapse, as in Synapse's
-# reverse-proxy documentation. /_synapse/admin is deliberately absent.
-FORWARDED_PREFIXES: dict[ListenerType, tuple[bytes, ...]] = {
-    ListenerType.CLIENT: (b"/_matrix", b"/_synapse/client"),
-    ListenerType.FEDERATION: (b"/_matrix",),
-}
 
 # After an early answer, how long the rest of an unwanted upload is read and
 # dropped before the connection is closed. Closing at once, with unread data
@@ -40,10 +35,13 @@ LINGER_SECONDS = 5.0
 
 
 def local_resources(
-    listener: ListenerConfig, config: EdgeConfig
+    listener: ListenerConfig, config: EdgeConfig, upstreams: dict[str, Upstream]
 ) -> dict[bytes, IResource]:
     """The paths a listener answers itself, by exact raw path."""
-    local: dict[bytes, IResource] = {b"/health": HealthResource()}
+    local: dict[bytes, IResource] = {
+        b"/health": HealthResource(),
+        b"/ready": ReadyResource(upstreams),
+    }
     if listener.type is ListenerType.CLIENT:
         documents = {
             b"server": config.well_known.server,
@@ -54,11 +52,6 @@ def local_resources(
             if body is not None:
                 local[b"/.well-known/matrix/" + name] = WellKnownResource(body)
     return local
-
-
-class Route(enum.Enum):
-    FORWARD = "forward"
-    LOCAL = "local"
 
 
 class EdgeHTTPChannel(HTTPChannel):
@@ -102,8 +95,9 @@ class EdgeRequest(Request):
     def __init__(self, channel: Any, queued: Any = None):
         super().__init__(channel)
         self.client_ip = ""
+        self.request_id = ""
         self.body_complete = False
-        self._route = Route.LOCAL
+        self._local = True
         self._has_body = False
         self._forwarding: Forwarding | None = None
         self._answer: MatrixError | None = None
@@ -115,39 +109,49 @@ class EdgeRequest(Request):
     # Twisted's hooks ------------------------------------------------------
 
     def gotLength(self, length: int | None) -> None:
-        self.site = self.channel.site  # type: ignore[attr-defined]
+        site = self.site = self.channel.site  # type: ignore[attr-defined]
         self.method, self.uri, self.clientproto = self.client_side.request_line()
         self.path = split_target(self.uri)[0]
         self._has_body = length != 0
+        headers = self.requestHeaders
+        peer = self.getClientAddress().host
+        trusted = site.config.trusted_proxies
         self.client_ip = client_address(
-            self.getClientAddress().host,
-            self.requestHeaders.getRawHeaders(b"x-forwarded-for"),
-            self.site.config.trusted_proxies,
+            peer, headers.getRawHeaders(b"x-forwarded-for"), trusted
         )
+        id_header = self.request_id_header
+        self.request_id = request_id_for(
+            headers.getRawHeaders(id_header), trusted=is_trusted(peer, trusted)
+        )
+        self.responseHeaders.setRawHeaders(id_header, [self.request_id.encode()])
+        if not headers.hasHeader(b"host") and self.clientproto != b"HTTP/1.1":
+            headers.setRawHeaders(b"Host", [site.default_host(self)])
 
-        decision = self.site.route(self, length)
-        if decision is Route.LOCAL:
+        decision = site.router.route(
+            self.method, self.uri, self.path, headers, self.client_ip, length
+        )
+        if decision is LOCAL:
             super().gotLength(length)
             return
-        self._route = Route.FORWARD
+        self._local = False
         self.content = BytesIO()
         # Synapse's headers go out as they are: no Content-Type of our own.
         self.defaultContentType = None
-        if isinstance(decision, MatrixError):
+        if isinstance(decision, Forward):
+            self._forwarding = site.forwarding_for(self, decision)
+            self._forwarding.start(length, self.client_ip)
+        else:
             self._refuse(decision)
-            return
-        self._forwarding = self.site.forwarding_for(self)
-        self._forwarding.start(length, self.client_ip)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._route is Route.LOCAL:
+        if self._local:
             super().handleContentChunk(data)
         elif self._forwarding is not None and not self._response_done:
             self._forwarding.body_chunk(data)
         # Otherwise the body is unwanted and dropped as it arrives.
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._route is Route.LOCAL:
+        if self._local:
             super().requestReceived(command, path, version)
             return
         self.body_complete = True
@@ -172,6 +176,10 @@ class EdgeRequest(Request):
     @property
     def is_disconnected(self) -> bool:
         return bool(self._disconnected)
+
+    @property
+    def request_id_header(self) -> bytes:
+        return self.site.config.request_id_header.encode("ascii")
 
     @property
     def log_method(self) -> str:
@@ -296,57 +304,45 @@ class EdgeSite(Site):
         config: EdgeConfig,
         upstream: Upstream,
         clock: IReactorTime,
+        live: LiveSettings | None = None,
+        fallback: Upstream | None = None,
     ):
         super().__init__(Resource(), timeout=config.timeouts.client_idle, reactor=clock)
-        self._local = local_resources(listener, config)
+        upstreams = {"synapse": upstream}
+        if fallback is not None:
+            upstreams["fallback"] = fallback
+        self._local = local_resources(listener, config, upstreams)
         self.listener = listener
         self.config = config
         self.upstream = upstream
         self.clock = clock
-        self.access_log = AccessLog(listener.tag, config.access_log.enabled)
-        self._prefixes = FORWARDED_PREFIXES[listener.type]
-
-    def route(self, request: EdgeRequest, length: int | None) -> Route | MatrixError:
-        """Decide what happens to a request, from its raw target and
-        headers alone."""
-        problem = check_target(request.method, request.uri)
-        if problem is not None:
-            return errors.bad_request(problem)
-        hosts = request.requestHeaders.getRawHeaders(b"host") or []
-        if len(hosts) > 1:
-            return errors.bad_request("More than one Host header")
-        if not hosts:
-            if request.clientproto == b"HTTP/1.1":
-                return errors.bad_request("Missing Host header")
-            request.requestHeaders.setRawHeaders(b"Host", [self._default_host(request)])
-        path = request.path
-        if path in self._local:
-            return Route.LOCAL
-        if not any(path_has_prefix(path, prefix) for prefix in self._prefixes):
-            return errors.not_found()
-        if length is not None and length > self.config.max_upload_size:
-            return errors.too_large(self.config.max_upload_size)
-        return Route.FORWARD
+        self.live = live or LiveSettings(config.maintenance)
+        self.router = Router(
+            listener, config, self.live, upstream, fallback, frozenset(self._local)
+        )
+        self.access_log = AccessLog(listener.tag, config.access_log)
 
     def getResourceFor(self, request: Request) -> IResource:
         # Local resources are found by the raw path, as routing decided;
         # Twisted's tree would match the %xx-decoded one.
         return self._local[request.path]
 
-    def forwarding_for(self, request: EdgeRequest) -> Forwarding:
+    def forwarding_for(self, request: EdgeRequest, route: Forward) -> Forwarding:
         return Forwarding(
             request,
-            self.upstream,
+            route.upstream,
             self.clock,
             self.config.timeouts,
-            self.config.max_upload_size,
+            route.body_limit,
         )
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         assert isinstance(request, EdgeRequest)
         self.access_log.log(request)
 
-    def _default_host(self, request: EdgeRequest) -> bytes:
+    def default_host(self, request: EdgeRequest) -> bytes:
+        """A Host header for HTTP/1.0 requests sent without one: the address
+        the client connected to."""
         host = request.getHost()
         address = getattr(host, "host", "localhost")
         if ":" in address:

@@ -8,6 +8,8 @@ what Synapse sees is exactly what the client sent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -37,6 +39,24 @@ class Upstream:
         self._pool.maxPersistentPerHost = pool_config.max_idle_connections
         self._pool.cachedConnectionTimeout = pool_config.idle_timeout  # type: ignore[assignment]
         self._pool.retryAutomatically = True
+        self.healthy: bool | None = None
+        """What the last check or request saw: None until then."""
+        self.watched = False
+        """Whether active checks run, and so will notice a recovery."""
+        self.on_state_change: list[Callable[[bool, str], None]] = []
+
+    @property
+    def known_down(self) -> bool:
+        """Down, as far as checks that will also see it come back can
+        tell: only then may requests be failed without trying."""
+        return self.watched and self.healthy is False
+
+    def mark(self, healthy: bool, reason: str = "") -> None:
+        """Record whether Synapse answers, telling listeners of a change."""
+        if healthy is not self.healthy:
+            self.healthy = healthy
+            for callback in self.on_state_change:
+                callback(healthy, reason)
 
     def request(
         self,

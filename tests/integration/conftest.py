@@ -11,6 +11,8 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from matrix_edge.config.edge import EdgeConfig, parse_config
@@ -66,7 +68,13 @@ def make_stack(tmp_path: Path) -> Iterator[Any]:
         )
         upstreams.append(upstream)
         listener = config.listeners[0]
-        site = EdgeSite(listener, config, upstream, reactor)
+        fallback = None
+        if listener.fallback is not None:
+            fallback = Upstream(
+                reactor, listener.fallback, config.upstream_pool, config.timeouts
+            )
+            upstreams.append(fallback)
+        site = EdgeSite(listener, config, upstream, reactor, fallback=fallback)
         edge_factory: Any = site
         if listener.tls is not None:
             context = ServerTLS(
@@ -75,9 +83,24 @@ def make_stack(tmp_path: Path) -> Iterator[Any]:
                 alpn_protocols=listener.alpn_protocols,
             )
             edge_factory = TLSMemoryBIOFactory(context, False, site)
-        edge_listener = reactor.listenTCP(0, edge_factory, interface="127.0.0.1")
+        endpoint: Any = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        if listener.proxy_protocol:
+            endpoint = proxyEndpoint(endpoint)
+        # TCP endpoints bind before listen() returns.
+        bound: list[Any] = []
+        endpoint.listen(edge_factory).addBoth(bound.append)
+        edge_listener = bound[0]
         ports.append(edge_listener)
         return Stack(factory, upstream_port, edge_listener.getHost().port, site, config)
+
+    def make_upstream() -> tuple[RecordingUpstreamFactory, int]:
+        """Another recording upstream, e.g. for a fallback site."""
+        factory = RecordingUpstreamFactory()
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        ports.append(port)
+        return factory, port.getHost().port
+
+    make.upstream = make_upstream  # type: ignore[attr-defined]
 
     yield make
     for upstream in upstreams:

@@ -31,16 +31,20 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThread
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from matrix_edge.config._base import ConfigError
+from matrix_edge.config.edge import parse_config
+from matrix_edge.service import load_tls
 from matrix_edge.tls import (
     ServerTLS,
     SighupService,
     TLSConfigError,
     generate_self_signed,
 )
-from tests.pki import Pki, make_pki
+from tests.pki import Leaf, Pki, make_pki
 
 # A client that asks for this gets the ALPN protocol the server negotiated.
 ALPN_QUERY = b"alpn?"
@@ -116,6 +120,19 @@ def pki(tmp_path: Path) -> Pki:
 
 
 @pytest.fixture
+def log_events() -> Iterator[list[LogEvent]]:
+    """Events logged during the test."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def logged(events: list[LogEvent], level: str) -> list[str]:
+    return [formatEvent(e) for e in events if e["log_level"].name == level]
+
+
+@pytest.fixture
 def sockets() -> Iterator[list[ssl.SSLSocket]]:
     """Client sockets to close at the end of the test."""
     opened: list[ssl.SSLSocket] = []
@@ -131,9 +148,12 @@ def client_context(
     maximum: ssl.TLSVersion | None = None,
     ciphers: str | None = None,
     alpn: list[str] | None = None,
+    check_hostname: bool = True,
 ) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca_path))
     context.verify_flags |= ssl.VERIFY_X509_STRICT
+    # The chain is still verified; only the name is not checked.
+    context.check_hostname = check_hostname
     with warnings.catch_warnings():
         # Setting TLS 1.0/1.1 is deprecated, and exactly what these tests do.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -149,7 +169,7 @@ def client_context(
 
 
 def _connect_blocking(
-    port: int, context: ssl.SSLContext, server_hostname: str
+    port: int, context: ssl.SSLContext, server_hostname: str | None
 ) -> ssl.SSLSocket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
@@ -163,9 +183,12 @@ async def connect(
     sockets: list[ssl.SSLSocket],
     port: int,
     context: ssl.SSLContext,
-    server_hostname: str = "localhost",
+    server_hostname: str | None = "localhost",
 ) -> ssl.SSLSocket:
-    """Connect and complete the handshake (verifying the server)."""
+    """Connect and complete the handshake (verifying the server).
+
+    C{server_hostname} is also the SNI name sent, except that Python sends
+    none for C{None} or an IP address."""
     sock = await deferToThread(_connect_blocking, port, context, server_hostname)
     sockets.append(sock)
     return sock
@@ -474,6 +497,180 @@ async def test_failed_reload_keeps_old_certificate(
     assert await exchange(sock, b"ping") == b"ping"
 
 
+# Several certificates chosen by server name (SNI)
+
+
+@attrs.frozen
+class _SniCertificates:
+    """Two certificates from the test PKI for one listener."""
+
+    first: Leaf
+    """The default: matrix.example.org and 127.0.0.1."""
+
+    second: Leaf
+    """chat.example.com, *.users.example.com and 192.0.2.7."""
+
+    @property
+    def files(self) -> list[tuple[Path, Path]]:
+        return [
+            (self.first.chain_path, self.first.key_path),
+            (self.second.chain_path, self.second.key_path),
+        ]
+
+
+def issue_first(pki: Pki, name: str, organization: str | None = None) -> Leaf:
+    """A certificate for the names of L{_SniCertificates.first}."""
+    return pki.issue_leaf(name, ["matrix.example.org"], ["127.0.0.1"], organization)
+
+
+def issue_second(pki: Pki, name: str, organization: str | None = None) -> Leaf:
+    """A certificate for the names of L{_SniCertificates.second}."""
+    return pki.issue_leaf(
+        name, ["chat.example.com", "*.users.example.com"], ["192.0.2.7"], organization
+    )
+
+
+@pytest.fixture
+def sni(pki: Pki) -> _SniCertificates:
+    return _SniCertificates(
+        first=issue_first(pki, "first", organization="first"),
+        second=issue_second(pki, "second", organization="second"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("server_hostname", "expected"),
+    [
+        ("matrix.example.org", "first"),
+        ("chat.example.com", "second"),
+        ("alice.users.example.com", "second"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_sni_selects_certificate(
+    pki: Pki,
+    sni: _SniCertificates,
+    start_server: Callable[[ServerTLS], _Server],
+    sockets: list[ssl.SSLSocket],
+    server_hostname: str,
+    expected: str,
+) -> None:
+    server = start_server(ServerTLS.from_certificates(sni.files))
+
+    # The client checks that the certificate is valid for the name asked.
+    sock = await connect(
+        sockets, server.port, client_context(pki.ca_cert_path), server_hostname
+    )
+
+    assert organization(peer_certificate(sock)) == expected
+    assert await exchange(sock, b"ping") == b"ping"
+
+
+@pytest.mark.parametrize(
+    "server_hostname",
+    [
+        None,
+        "unknown.example.net",
+        # A wildcard covers one label only.
+        "deep.alice.users.example.com",
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_no_or_unknown_server_name_gets_first_certificate(
+    pki: Pki,
+    sni: _SniCertificates,
+    start_server: Callable[[ServerTLS], _Server],
+    sockets: list[ssl.SSLSocket],
+    server_hostname: str | None,
+) -> None:
+    server = start_server(ServerTLS.from_certificates(sni.files))
+    context = client_context(pki.ca_cert_path, check_hostname=False)
+
+    sock = await connect(sockets, server.port, context, server_hostname)
+
+    assert peer_certificate(sock) == sni.first.certificate
+    assert await exchange(sock, b"ping") == b"ping"
+
+
+@pytest.mark.parametrize(
+    ("server_hostname", "expected"),
+    [("matrix.example.org", "first"), ("chat.example.com", "second")],
+)
+@pytest_twisted.ensureDeferred
+async def test_alpn_with_sni(
+    pki: Pki,
+    sni: _SniCertificates,
+    start_server: Callable[[ServerTLS], _Server],
+    sockets: list[ssl.SSLSocket],
+    server_hostname: str,
+    expected: str,
+) -> None:
+    """The context switched to negotiates ALPN like the default one."""
+    tls = ServerTLS.from_certificates(sni.files, alpn_protocols=[b"h2", b"http/1.1"])
+    server = start_server(tls)
+    context = client_context(pki.ca_cert_path, alpn=["http/1.1", "h2"])
+
+    sock = await connect(sockets, server.port, context, server_hostname)
+
+    assert organization(peer_certificate(sock)) == expected
+    assert sock.selected_alpn_protocol() == "h2"
+    assert await exchange(sock, ALPN_QUERY) == b"h2"
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_swaps_every_certificate(
+    pki: Pki,
+    sni: _SniCertificates,
+    start_server: Callable[[ServerTLS], _Server],
+    sockets: list[ssl.SSLSocket],
+) -> None:
+    tls = ServerTLS.from_certificates(sni.files)
+    server = start_server(tls)
+    context = client_context(pki.ca_cert_path)
+    old = await connect(sockets, server.port, context, "chat.example.com")
+    new_first = issue_first(pki, "new-first")
+    new_second = issue_second(pki, "new-second")
+    new_first.install(sni.first.chain_path, sni.first.key_path)
+    new_second.install(sni.second.chain_path, sni.second.key_path)
+
+    assert tls.reload() is True
+
+    first = await connect(sockets, server.port, context, "matrix.example.org")
+    second = await connect(sockets, server.port, context, "chat.example.com")
+    assert peer_certificate(first) == new_first.certificate
+    assert peer_certificate(second) == new_second.certificate
+    assert tls.certificates == (new_first.certificate, new_second.certificate)
+    # The established connection keeps working on the old certificate.
+    assert await exchange(old, b"still there") == b"still there"
+    assert peer_certificate(old) == sni.second.certificate
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_reload_of_one_certificate_keeps_all_old_ones(
+    pki: Pki,
+    sni: _SniCertificates,
+    start_server: Callable[[ServerTLS], _Server],
+    sockets: list[ssl.SSLSocket],
+    log_events: list[LogEvent],
+) -> None:
+    tls = ServerTLS.from_certificates(sni.files)
+    server = start_server(tls)
+    # The first certificate is renewed correctly, the second is broken.
+    issue_first(pki, "new-first").install(sni.first.chain_path, sni.first.key_path)
+    sni.second.chain_path.write_bytes(b"-----BEGIN CERTIFICATE-----\ngarbage\n")
+
+    assert tls.reload() is False
+
+    context = client_context(pki.ca_cert_path)
+    first = await connect(sockets, server.port, context, "matrix.example.org")
+    second = await connect(sockets, server.port, context, "chat.example.com")
+    assert peer_certificate(first) == sni.first.certificate
+    assert peer_certificate(second) == sni.second.certificate
+    assert await exchange(second, b"ping") == b"ping"
+    [error] = logged(log_events, "error")
+    assert str(sni.second.chain_path) in error
+
+
 # Self-signed certificates for first runs
 
 
@@ -625,6 +822,142 @@ def test_chain_in_wrong_order(pki: Pki, tmp_path: Path) -> None:
 def test_invalid_alpn_protocol(pki: Pki, protocol: bytes) -> None:
     with pytest.raises(ValueError, match="ALPN protocol names"):
         ServerTLS(pki.chain_path, pki.key_path, alpn_protocols=[protocol])
+
+
+# Choosing among several certificates (no handshakes)
+
+
+@pytest.mark.parametrize(
+    ("server_name", "expected"),
+    [
+        ("matrix.example.org", "first"),
+        ("MATRIX.Example.org.", "first"),
+        ("chat.example.com", "second"),
+        ("bob.users.example.com", "second"),
+        # A wildcard matches one whole label, and not the name it is under.
+        ("users.example.com", "first"),
+        ("a.bob.users.example.com", "first"),
+        (".users.example.com", "first"),
+        # IP addresses, should a client send one, match IP SANs only.
+        ("192.0.2.7", "second"),
+        ("127.0.0.1", "first"),
+        ("unknown.example.net", "first"),
+        ("", "first"),
+        (None, "first"),
+    ],
+)
+def test_certificate_for(
+    sni: _SniCertificates, server_name: str | None, expected: str
+) -> None:
+    tls = ServerTLS.from_certificates(sni.files)
+
+    assert organization(tls.certificate_for(server_name)) == expected
+
+
+def test_exact_name_wins_and_first_certificate_wins(
+    pki: Pki, sni: _SniCertificates, log_events: list[LogEvent]
+) -> None:
+    third = pki.issue_leaf(
+        "third",
+        hostnames=["chat.example.com", "carol.users.example.com"],
+        ip_addresses=[],
+        organization="third",
+    )
+
+    tls = ServerTLS.from_certificates([*sni.files, (third.chain_path, third.key_path)])
+
+    # The second certificate came first with this name.
+    assert organization(tls.certificate_for("chat.example.com")) == "second"
+    # An exact name beats the second certificate's wildcard.
+    assert organization(tls.certificate_for("carol.users.example.com")) == "third"
+    assert organization(tls.certificate_for("dave.users.example.com")) == "second"
+    [warning] = logged(log_events, "warn")
+    assert warning == (
+        f"Certificate in {third.chain_path} lists chat.example.com, which the "
+        f"earlier certificate in {sni.second.chain_path} already serves"
+    )
+
+
+def test_describe_several_certificates(
+    sni: _SniCertificates, log_events: list[LogEvent]
+) -> None:
+    tls = ServerTLS.from_certificates(sni.files, alpn_protocols=[b"h2", b"http/1.1"])
+
+    first, second = tls.describe().splitlines()
+
+    assert first.startswith(f"{sni.first.chain_path} (default): ")
+    assert "names=matrix.example.org,127.0.0.1 " in first
+    assert second.startswith(f"{sni.second.chain_path}: ")
+    assert "names=chat.example.com,*.users.example.com,192.0.2.7 " in second
+    assert "alpn=h2,http/1.1" in second
+    # Loading logged the same lines.
+    assert logged(log_events, "info") == [
+        f"TLS certificate loaded: {first}",
+        f"TLS certificate loaded: {second}",
+    ]
+
+
+def test_from_certificates_needs_one() -> None:
+    with pytest.raises(ValueError):
+        ServerTLS.from_certificates([])
+
+
+# load_tls: configuration errors name the failing certificate's key
+
+
+def _config_with_tls(tls: object) -> dict[str, object]:
+    return {
+        "listeners": [{"port": 8448, "tls": tls}],
+        "upstream": "http://127.0.0.1:8008",
+    }
+
+
+def _files(chain_path: Path, key_path: Path) -> dict[str, str]:
+    return {"certificate_path": str(chain_path), "private_key_path": str(key_path)}
+
+
+def test_load_tls_serves_every_certificate(sni: _SniCertificates) -> None:
+    config = parse_config(
+        _config_with_tls({"certificates": [_files(*f) for f in sni.files]})
+    )
+
+    tls = load_tls(config)
+
+    assert tls[0].certificates == (sni.first.certificate, sni.second.certificate)
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_load_tls_error_names_certificate_in_list(
+    sni: _SniCertificates, failing: int
+) -> None:
+    files = [_files(*f) for f in sni.files]
+    # Swap the keys of the failing one for the other's.
+    other = sni.files[1 - failing]
+    files[failing]["private_key_path"] = str(other[1])
+    config = parse_config(_config_with_tls({"certificates": files}))
+
+    with pytest.raises(ConfigError) as info:
+        load_tls(config)
+
+    assert info.value.path == ("listeners", 0, "tls", "certificates", failing)
+    assert str(info.value) == (
+        f"listeners[0].tls.certificates[{failing}]: private key in {other[1]} "
+        f"does not match certificate in {sni.files[failing][0]}"
+    )
+
+
+def test_load_tls_error_for_single_certificate(sni: _SniCertificates) -> None:
+    config = parse_config(
+        _config_with_tls(_files(sni.first.chain_path, sni.second.key_path))
+    )
+
+    with pytest.raises(ConfigError) as info:
+        load_tls(config)
+
+    assert str(info.value) == (
+        f"listeners[0].tls: private key in {sni.second.key_path} does not match "
+        f"certificate in {sni.first.chain_path}"
+    )
 
 
 # Self-signed certificate files

@@ -113,6 +113,7 @@ def test_upstream_forms(upstream, expected):
         (_minimal(access_log={"enabled": "yes"}), "access_log.enabled: expected true or false"),
         (_minimal(well_known={"server": "x:99999"}), "well_known.server: invalid port"),
         (_minimal(well_known={"client": "https://x"}), "well_known.client: expected a mapping"),
+        (_minimal(listeners=[{"port": 1, "http2": True}]), "listeners[0].http2: HTTP/2 needs `tls`"),
         (_minimal(extra=1), "extra: unknown key"),
         ([], "expected a mapping"),
     ],
@@ -161,6 +162,7 @@ def test_generated_config_documents_every_key():
     document = yaml.safe_load(default_config_text())
     for listener in document["listeners"]:
         del listener["tls"]
+        listener.pop("http2", None)
     config = parse_config(document)
     assert config.listeners[0].port == 443
     assert config.listeners[1].port == 8448

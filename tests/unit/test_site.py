@@ -77,14 +77,17 @@ def test_request_bytes_and_response_relayed():
         b"Host: hs.example:8443\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
     )
     upstream = h.connect_upstream()
+    request_id = h.channel._channel.requests[0].request_id.encode()
     assert upstream.value() == (
         b"GET /_matrix/client/v3/rooms/%21r%3Ah/x? HTTP/1.1\r\n"
         b"Host: hs.example:8443\r\n"
         b"X-Forwarded-For: 203.0.113.7\r\n"
-        b"X-Forwarded-Proto: http\r\n\r\n"
+        b"X-Forwarded-Proto: http\r\n"
+        b"X-Request-Id: " + request_id + b"\r\n\r\n"
     )
     h.upstream_says(OK)
     assert h.response().startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nX-Request-Id: " + request_id + b"\r\n" in h.response()
     assert h.response().endswith(b"\r\n\r\n{}")
     assert not h.client.disconnecting
 

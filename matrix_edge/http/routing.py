@@ -1,0 +1,148 @@
+"""Where each request goes, decided from its raw request line and headers
+before any body byte is read."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+
+import attrs
+from twisted.web.http_headers import Headers
+
+from matrix_edge.config.edge import EdgeConfig
+from matrix_edge.config.listeners import ListenerConfig, ListenerType
+from matrix_edge.config.maintenance import MaintenanceConfig
+from matrix_edge.http import errors
+from matrix_edge.http.errors import MatrixError
+from matrix_edge.http.target import check_target, path_has_prefix
+from matrix_edge.http.upstream import Upstream
+
+# What each kind of listener forwards to Synapse, as in Synapse's
+# reverse-proxy documentation.
+FORWARDED_PREFIXES: dict[ListenerType, tuple[bytes, ...]] = {
+    ListenerType.CLIENT: (b"/_matrix", b"/_synapse/client"),
+    ListenerType.FEDERATION: (b"/_matrix",),
+}
+
+ADMIN_PREFIX = b"/_synapse/admin"
+
+# Synapse-internal paths that no public listener ever forwards, whatever
+# else is configured.
+INTERNAL_PREFIXES = (
+    b"/_synapse/replication",
+    b"/_synapse/metrics",
+    b"/_synapse/worker",
+)
+
+# Media uploads, which get the larger body limit.
+_MEDIA_UPLOAD = re.compile(
+    rb"\A/_matrix/media/(?:r0|v1|v3|unstable/[^/]+)/upload(?:/|\Z)"
+)
+
+
+class Local(enum.Enum):
+    """Answered by the listener's own resources (/health, .well-known)."""
+
+    LOCAL = "local"
+
+
+LOCAL = Local.LOCAL
+
+
+@attrs.frozen
+class Forward:
+    upstream: Upstream
+    body_limit: int
+
+
+Decision = Local | Forward | MatrixError
+
+
+class LiveSettings:
+    """Settings that SIGHUP may change while running: today, maintenance."""
+
+    def __init__(self, maintenance: MaintenanceConfig):
+        self.maintenance = maintenance
+
+
+class Router:
+    """The routing rules of one listener."""
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        config: EdgeConfig,
+        live: LiveSettings,
+        upstream: Upstream,
+        fallback: Upstream | None,
+        local_paths: frozenset[bytes],
+    ):
+        self._listener = listener
+        self._config = config
+        self._live = live
+        self._upstream = upstream
+        self._fallback = fallback
+        self._local_paths = local_paths
+        self._prefixes = FORWARDED_PREFIXES[listener.type]
+
+    def route(
+        self,
+        method: bytes,
+        target: bytes,
+        path: bytes,
+        headers: Headers,
+        client_ip: str,
+        length: int | None,
+    ) -> Decision:
+        """Decide what happens to a request. The target has been checked
+        by nothing yet; every decision below is made on the raw path."""
+        problem = check_target(method, target)
+        if problem is not None:
+            return errors.bad_request(problem)
+        hosts = headers.getRawHeaders(b"host") or ()
+        if len(hosts) != 1:
+            return errors.bad_request(
+                "More than one Host header" if hosts else "Missing Host header"
+            )
+        if path in self._local_paths:
+            return LOCAL
+        if any(path_has_prefix(path, prefix) for prefix in INTERNAL_PREFIXES):
+            return errors.not_found()
+        if path_has_prefix(path, ADMIN_PREFIX):
+            if not self._listener.admin_allow:
+                return errors.not_found()
+            if not _allowed(client_ip, self._listener):
+                return errors.forbidden("The admin API is not available from here")
+            return self._to_synapse(path, length)
+        if any(path_has_prefix(path, prefix) for prefix in self._prefixes):
+            return self._to_synapse(path, length)
+        if self._fallback is not None and not path_has_prefix(path, b"/_synapse"):
+            return self._forward(self._fallback, self._config.max_request_size, length)
+        return errors.not_found()
+
+    def _to_synapse(self, path: bytes, length: int | None) -> Decision:
+        maintenance = self._live.maintenance
+        if maintenance.enabled:
+            return errors.unavailable(maintenance.message, maintenance.retry_after)
+        limit = (
+            self._config.max_upload_size
+            if _MEDIA_UPLOAD.match(path)
+            else self._config.max_request_size
+        )
+        return self._forward(self._upstream, limit, length)
+
+    def _forward(self, upstream: Upstream, limit: int, length: int | None) -> Decision:
+        if length is not None and length > limit:
+            return errors.too_large(limit)
+        if upstream.known_down and self._config.upstream_check.fail_fast:
+            return errors.bad_gateway()
+        return Forward(upstream, limit)
+
+
+def _allowed(client_ip: str, listener: ListenerConfig) -> bool:
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    return any(address in network for network in listener.admin_allow)
