@@ -257,3 +257,51 @@ def test_daemonises_with_pidfile(tmp_path: Path) -> None:
     while pidfile.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not pidfile.exists()
+
+
+def test_sighup_switches_maintenance_mode(tmp_path: Path) -> None:
+    upstream_port = processes.free_port()
+    port = processes.free_port()
+    document = {
+        "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
+        "upstream": f"http://127.0.0.1:{upstream_port}",
+    }
+    config = processes.write_config(tmp_path / "edge.yaml", document)
+    upstream = processes.start_upstream(upstream_port, tmp_path / "upstream.log")
+    edge = processes.start_edge(config, tmp_path / "edge.log", wait=("127.0.0.1", port))
+    request = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def status_after_hup(expected: int) -> int:
+        os.kill(edge.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        status = exchange(port, request).status
+        while status != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = exchange(port, request).status
+        return status
+
+    try:
+        assert exchange(port, request).status == 200
+        document["maintenance"] = {"enabled": True, "retry_after": "1m"}
+        processes.write_config(config, document)
+        assert status_after_hup(503) == 503
+        response = exchange(port, request)
+        assert response.header("Retry-After") == "60"
+        assert exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").status == 200
+
+        # A file that no longer validates changes nothing.
+        config.write_text("listeners: []\n")
+        os.kill(edge.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "Not reloading" not in edge.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "upstream: required" in edge.log()
+        assert exchange(port, request).status == 503
+
+        document["maintenance"] = {"enabled": False}
+        processes.write_config(config, document)
+        assert status_after_hup(200) == 200
+        assert "Traceback" not in edge.log()
+    finally:
+        edge.stop()
+        upstream.stop()

@@ -164,6 +164,10 @@ def test_generated_config_documents_every_key():
         del listener["tls"]
         listener.pop("http2", None)
     config = parse_config(document)
+    # Every key the parser knows appears in the generated file.
+    import matrix_edge.config.edge as edge
+
+    assert set(edge._TOP_KEYS) <= set(document) | {"max_request_size"}
     assert config.listeners[0].port == 443
     assert config.listeners[1].port == 8448
     assert config == parse_config(
