@@ -86,8 +86,6 @@ class Forwarding:
         d.addCallbacks(self._got_response, self._upstream_failed)
         d.addErrback(self._unexpected)
         request.notifyFinish().addErrback(self._client_gone)
-        if self._body is None:
-            self._arm_response_timer()
 
     def body_chunk(self, data: bytes) -> None:
         self._body_size += len(data)
@@ -213,6 +211,8 @@ class Forwarding:
             self._relay.stop()
 
     def _arm_response_timer(self) -> None:
+        # Armed once, when the request is complete (body_complete).
+        assert self._response_timer is None
         self._response_timer = self._clock.callLater(
             self._timeouts.upstream_response, self._response_timed_out
         )

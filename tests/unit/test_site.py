@@ -273,3 +273,19 @@ def test_http10_without_host_gets_one():
     h.send(b"GET /_matrix/client/versions HTTP/1.0\r\n\r\n")
     upstream = h.connect_upstream()
     assert b"\r\nHost: 127.0.0.1:8443\r\n" in upstream.value()
+
+
+def test_no_timer_outlives_its_request():
+    h = make_harness(timeouts={"client_idle": "20s"})
+    for _ in range(3):
+        h.send(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: h\r\n\r\n")
+        if h.upstream is None:
+            h.connect_upstream()
+        h.upstream_says(OK)
+    assert h.response().count(b"HTTP/1.1 200 OK") == 3
+    # What remains is the client connection's idle timeout and the pooled
+    # upstream connection's: nothing holding a finished request alive.
+    pending = [call.func for call in h.clock.getDelayedCalls()]
+    assert len(pending) <= 2, pending
+    h.clock.advance(180)
+    assert not h.response().count(b"504")
