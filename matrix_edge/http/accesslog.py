@@ -64,23 +64,18 @@ class AccessLog:
         if self._json:
             emit("{access_json}", access_json=json.dumps(fields), access=fields)
             return
+        # Built here in one go: twisted.logger's own formatting of a dozen
+        # fields costs more than the rest of a small request's logging.
         upstream = fields["upstream_seconds"]
-        emit(
-            "{client} - {tag} - {{{request_id}}} {total:.3f}sec (upstream {upstream}) "
-            '{sent}B {code} "{method} {target} {proto}" "{agent}"',
-            client=fields["client"],
-            tag=self._tag,
-            request_id=fields["request_id"],
-            total=fields["total_seconds"],
-            upstream="-" if upstream is None else f"{upstream:.3f}sec",
-            sent=fields["bytes"],
-            code=fields["status"],
-            method=fields["method"],
-            target=fields["target"],
-            proto=fields["protocol"],
-            agent=fields["user_agent"] or "-",
-            access=fields,
+        line = (
+            f"{fields['client']} - {self._tag} - {{{fields['request_id']}}} "
+            f"{fields['total_seconds']:.3f}sec "
+            f"(upstream {'-' if upstream is None else f'{upstream:.3f}sec'}) "
+            f"{fields['bytes']}B {fields['status']} "
+            f'"{fields["method"]} {fields["target"]} {fields["protocol"]}" '
+            f'"{fields["user_agent"] or "-"}"'
         )
+        emit("{access_line}", access_line=line, access=fields)
 
     def _fields(self, request: EdgeRequest) -> dict[str, Any]:
         status = f"{request.code}"
