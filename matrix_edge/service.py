@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import errno
+import socket
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+)
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -29,6 +35,7 @@ from matrix_edge.http.site import EdgeSite
 from matrix_edge.http.upstream import Upstream
 from matrix_edge.tls import ServerTLS, SighupService, TLSConfigError
 from matrix_edge.upstream_watch import UpstreamWatch
+from matrix_edge.workers import InheritedSocket, WorkerSupervisor
 
 log = Logger()
 
@@ -43,17 +50,28 @@ class ListenerService(Service):
     """
 
     def __init__(
-        self, reactor: Any, listener: ListenerConfig, factory: IProtocolFactory
+        self,
+        reactor: Any,
+        listener: ListenerConfig,
+        factory: IProtocolFactory,
+        inherited: dict[str, int] | None = None,
     ):
+        """
+        @param inherited: sockets already bound by another process, by
+            address, as file descriptors (a worker's, see L{workers}).
+        """
         self._reactor = reactor
         self._listener = listener
         self._factory = factory
-        self.ports: list[IListeningPort] = []
+        self._inherited = inherited
+        self.ports: list[tuple[str, IListeningPort]] = []
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         listener = self._listener
         for address in listener.bind_addresses:
+            if self._inherited is not None and address not in self._inherited:
+                continue  # the first process could not bind it either
             try:
                 port = self._listen(address)
             except CannotListenError as e:
@@ -68,7 +86,7 @@ class ListenerService(Service):
                     f"matrix-edge: cannot listen on {address} port "
                     f"{listener.port} ({listener.tag}): {_reason(e)}"
                 ) from None
-            self.ports.append(port)
+            self.ports.append((address, port))
             log.info(
                 "Listening on {address} port {port} ({tag}, {scheme})",
                 address=address,
@@ -79,7 +97,12 @@ class ListenerService(Service):
 
     def _listen(self, address: str) -> IListeningPort:
         endpoint: IStreamServerEndpoint
-        if ":" in address:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        if self._inherited is not None and address in self._inherited:
+            endpoint = AdoptedStreamServerEndpoint(
+                self._reactor, self._inherited[address], family
+            )
+        elif family == socket.AF_INET6:
             endpoint = TCP6ServerEndpoint(
                 self._reactor, self._listener.port, backlog=511, interface=address
             )
@@ -103,7 +126,7 @@ class ListenerService(Service):
         super().stopService()
         ports, self.ports = self.ports, []
         return gatherResults(
-            [maybeDeferred(p.stopListening) for p in ports]
+            [maybeDeferred(p.stopListening) for _, p in ports]
         ).addCallback(lambda _: None)
 
 
@@ -161,14 +184,18 @@ def load_tls(config: EdgeConfig) -> dict[int, ServerTLS]:
 
 
 def make_service(
-    config: EdgeConfig, reactor: Any, config_path: str | None = None
+    config: EdgeConfig,
+    reactor: Any,
+    config_path: str | None = None,
+    inherited: Sequence[InheritedSocket] | None = None,
 ) -> MultiService:
     """Build the service tree for ``config``.
 
     Raises L{ConfigError} for problems only visible when loading files
     (certificates that do not parse, keys that do not match). With
     ``config_path``, SIGHUP re-reads that file and applies what can change
-    while running.
+    while running, and ``processes`` > 1 starts workers. A worker passes the
+    ``inherited`` sockets it got from the first process.
     """
     tls = load_tls(config)
     top = MultiService()
@@ -186,13 +213,19 @@ def make_service(
 
     synapse = upstream_for(config.upstream)
     live = LiveSettings(config.maintenance)
+    listening_services: list[ListenerService] = []
     for i, listener in enumerate(config.listeners):
         fallback = upstream_for(listener.fallback) if listener.fallback else None
         site = EdgeSite(listener, config, synapse, reactor, live, fallback)
         factory: IProtocolFactory = site
         if i in tls:
             factory = TLSMemoryBIOFactory(tls[i], False, factory)
-        ListenerService(reactor, listener, factory).setServiceParent(top)
+        adopted = None
+        if inherited is not None:
+            adopted = {s.address: s.fd for s in inherited if s.listener == i}
+        listening = ListenerService(reactor, listener, factory, adopted)
+        listening.setServiceParent(top)
+        listening_services.append(listening)
 
     reloader = SighupService(reactor)
     for context in {id(t): t for t in tls.values()}.values():
@@ -200,6 +233,21 @@ def make_service(
     if config_path is not None:
         reloader.add_callback(lambda: reload_settings(config_path, config, live))
     reloader.setServiceParent(top)
+
+    if config.processes > 1 and inherited is None and config_path is not None:
+
+        def bound_sockets() -> list[tuple[int, str, int]]:
+            return [
+                (i, address, port.fileno())  # type: ignore[attr-defined]
+                for i, service in enumerate(listening_services)
+                for address, port in service.ports
+            ]
+
+        supervisor = WorkerSupervisor(
+            reactor, config.processes - 1, config_path, bound_sockets
+        )
+        supervisor.setServiceParent(top)
+        reloader.add_callback(supervisor.reload)
     return top
 
 

@@ -13,6 +13,7 @@ from matrix_edge.config._base import (
     ConfigError,
     KeyPath,
     parse_size,
+    read_int,
     read_mapping,
     read_str,
 )
@@ -47,6 +48,9 @@ class EdgeConfig:
     """The body limit for every other request."""
 
     request_id_header: str = "X-Request-ID"
+    processes: int = 1
+    """Processes serving the listeners; more than one to use more cores."""
+
     trusted_proxies: tuple[IPNetwork, ...] = ()
     timeouts: TimeoutsConfig = attrs.field(factory=TimeoutsConfig)
     access_log: AccessLogConfig = attrs.field(factory=AccessLogConfig)
@@ -62,6 +66,7 @@ _TOP_KEYS = (
     "max_upload_size",
     "max_request_size",
     "request_id_header",
+    "processes",
     "trusted_proxies",
     "timeouts",
     "access_log",
@@ -97,6 +102,9 @@ def parse_config(value: object, path: KeyPath = ()) -> EdgeConfig:
         request_id_header=_parse_header_name(
             data.get("request_id_header", "X-Request-ID"),
             (*path, "request_id_header"),
+        ),
+        processes=read_int(
+            data.get("processes", 1), (*path, "processes"), minimum=1, maximum=256
         ),
         trusted_proxies=parse_networks(
             data.get("trusted_proxies"), (*path, "trusted_proxies")

@@ -1,0 +1,89 @@
+"""Entry point of a worker process (``processes`` > 1): serves the same
+configuration on listening sockets inherited from the first process."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import suppress
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.error import ConnectionDone, ReactorNotRunning
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import (
+    FileLogObserver,
+    LogLevel,
+    formatEvent,
+    globalLogBeginner,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from matrix_edge.config.edge import load_config
+from matrix_edge.workers import InheritedSocket
+
+
+@implementer(IReadDescriptor)
+class _ParentWatch:
+    """The first process holds our stdin open; when it goes, so do we."""
+
+    def __init__(self) -> None:
+        os.set_blocking(0, False)
+
+    def fileno(self) -> int:
+        return 0
+
+    def logPrefix(self) -> str:
+        return "parent"
+
+    def doRead(self) -> Failure | None:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return None
+        return None if data else Failure(ConnectionDone())
+
+    def connectionLost(self, reason: Failure) -> None:
+        the_reactor.removeReader(self)
+        with suppress(ReactorNotRunning):
+            the_reactor.stop()
+
+
+the_reactor: Any = reactor
+
+
+def _format(event: dict[str, Any]) -> str:
+    # The first process adds the time and its own prefix when it relays.
+    level = event.get("log_level", LogLevel.info).name
+    text = formatEvent(event)
+    if "log_failure" in event:
+        text += "\n" + event["log_failure"].getTraceback()
+    return f"[{event.get('log_namespace', '-')}#{level}] {text}\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="matrix_edge.worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--socket", action="append", default=[])
+    args = parser.parse_args(argv)
+
+    globalLogBeginner.beginLoggingTo(
+        [FileLogObserver(sys.stdout, _format)], redirectStandardIO=False
+    )
+    from matrix_edge.service import make_service
+
+    config = load_config(args.config)
+    inherited = [InheritedSocket.from_arg(text) for text in args.socket]
+    service = make_service(config, the_reactor, args.config, inherited=inherited)
+    the_reactor.addReader(_ParentWatch())
+    service.privilegedStartService()
+    service.startService()
+    the_reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    the_reactor.run()
+
+
+if __name__ == "__main__":
+    main()

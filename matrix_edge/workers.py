@@ -1,0 +1,169 @@
+"""Several processes serving the same listeners, to use every core.
+
+The first process binds the listening sockets (as root, if it must), then
+starts ``processes - 1`` workers that inherit them: the kernel hands each
+new connection to whichever process accepts it first. The first process
+serves too, relays the workers' logs into its own, passes SIGHUP on, and
+stops them when it stops, so one pidfile and one supervisor entry cover
+them all.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+# A worker that dies is started again after this long, doubling up to the
+# maximum while it keeps dying.
+RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 30.0
+STOP_TIMEOUT = 10.0
+
+
+@attrs.frozen
+class InheritedSocket:
+    """A listening socket handed to a worker: which listener and address it
+    is for, and its file descriptor in the worker."""
+
+    listener: int
+    address: str
+    fd: int
+
+    def to_arg(self) -> str:
+        return f"{self.listener}/{self.address}/{self.fd}"
+
+    @classmethod
+    def from_arg(cls, text: str) -> InheritedSocket:
+        listener, address, fd = text.split("/")
+        return cls(int(listener), address, int(fd))
+
+
+class _Worker(ProcessProtocol):
+    def __init__(self, index: int, on_exit: Callable[[_Worker, Failure], None]):
+        self.index = index
+        self._on_exit = on_exit
+        self._log = Logger(namespace=f"matrix_edge.worker.{index}")
+        self._partial = b""
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            if line:
+                self._log.info("{line}", line=line.decode("utf-8", "replace"))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+        self._on_exit(self, reason)
+
+
+class WorkerSupervisor(Service):
+    """Starts, restarts, signals and stops the worker processes."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        count: int,
+        config_path: str,
+        sockets: Callable[[], Sequence[tuple[int, str, int]]],
+    ):
+        """
+        @param count: the number of workers besides this process.
+        @param sockets: called once the listeners are bound, giving
+            (listener index, address, file descriptor) of each socket.
+        """
+        self._reactor = reactor
+        self._count = count
+        self._config_path = config_path
+        self._sockets = sockets
+        self._workers: dict[int, _Worker] = {}
+        self._delays: dict[int, float] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(1, self._count + 1):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        inherited = []
+        for n, (listener, address, fd) in enumerate(self._sockets()):
+            child_fds[3 + n] = fd
+            inherited.append(InheritedSocket(listener, address, 3 + n).to_arg())
+        worker = _Worker(index, self._exited)
+        args = [
+            sys.executable,
+            "-m",
+            "matrix_edge.worker",
+            "--config",
+            self._config_path,
+            "--index",
+            str(index),
+            *(arg for socket in inherited for arg in ("--socket", socket)),
+        ]
+        transport = self._reactor.spawnProcess(
+            worker, sys.executable, args, env=os.environ.copy(), childFDs=child_fds
+        )
+        self._workers[index] = worker
+        log.info("Started worker {index} (pid {pid})", index=index, pid=transport.pid)
+
+    def _exited(self, worker: _Worker, reason: Failure) -> None:
+        if self._workers.get(worker.index) is worker:
+            del self._workers[worker.index]
+        if not self.running:
+            return
+        delay = self._delays.get(worker.index, RESTART_DELAY)
+        self._delays[worker.index] = min(delay * 2, MAX_RESTART_DELAY)
+        log.warn(
+            "Worker {index} exited ({reason}); starting it again in {delay}s",
+            index=worker.index,
+            reason=reason.getErrorMessage(),
+            delay=delay,
+        )
+        self._reactor.callLater(delay, self._respawn, worker.index)
+
+    def _respawn(self, index: int) -> None:
+        if self.running and index not in self._workers:
+            self._spawn(index)
+
+    def signal_all(self, signum: int) -> None:
+        for worker in self._workers.values():
+            if worker.transport is not None:
+                worker.transport.signalProcess(signum)
+
+    def reload(self) -> bool:
+        """Pass SIGHUP on to every worker."""
+        self.signal_all(signal.SIGHUP)
+        return True
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        workers = list(self._workers.values())
+        self.signal_all(signal.SIGTERM)
+        ended = DeferredList([w.ended for w in workers])
+
+        def kill_stragglers() -> None:
+            self.signal_all(signal.SIGKILL)
+
+        call = self._reactor.callLater(STOP_TIMEOUT, kill_stragglers)
+
+        def done(result: object) -> object:
+            if call.active():
+                call.cancel()
+            return result
+
+        return ended.addBoth(done)
