@@ -85,7 +85,5 @@ def ensure_venv() -> Path:
                         f"(exit {result.returncode}); see {log}:\n{tail}"
                     )
         marker.write_text(wanted)
-        sys.stderr.write(
-            f"\ne2e: built {venv} in {time.monotonic() - started:.0f}s\n"
-        )
+        sys.stderr.write(f"\ne2e: built {venv} in {time.monotonic() - started:.0f}s\n")
         return python

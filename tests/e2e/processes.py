@@ -3,6 +3,7 @@ to a log file, and all are stopped by PID when the suite ends."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -64,6 +65,9 @@ class ProcessGroup:
         self.log_dir = log_dir
         self.processes: list[Process] = []
         self.extra_logs: list[Path] = []
+        # The session fixture stops them; this is for an interpreter that
+        # exits without running fixture finalizers.
+        atexit.register(self.stop_all)
 
     def start(
         self,
@@ -75,8 +79,7 @@ class ProcessGroup:
         stdout: int | None = None,
     ) -> Process:
         log_path = self.log_dir / f"{name}.log"
-        log = open(log_path, "ab")
-        try:
+        with open(log_path, "ab") as log:
             popen = subprocess.Popen(
                 list(argv),
                 stdin=stdin,
@@ -88,18 +91,18 @@ class ProcessGroup:
                 # only pytest; the finalizers then stop each one by PID.
                 start_new_session=True,
             )
-        finally:
-            log.close()
         process = Process(name, popen, log_path)
         self.processes.append(process)
         return process
 
     def stop_all(self) -> None:
-        for process in reversed(self.processes):
-            if process.running():
-                os.kill(process.pid, signal.SIGTERM)
+        """SIGTERM to each process still running, by PID; SIGKILL to those
+        still there after the grace period. Safe to call more than once."""
+        running = [p for p in reversed(self.processes) if p.running()]
+        for process in running:
+            os.kill(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for process in reversed(self.processes):
+        for process in running:
             try:
                 process.popen.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
