@@ -9,16 +9,12 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 
 from matrix_edge.config.upstream import UpstreamCheckConfig
-from matrix_edge.http.upstream import Upstream
+from matrix_edge.http.upstream import Upstream, UpstreamExchange
+from matrix_edge.http.upstream_protocol import HeaderList
 
 log = Logger()
 
@@ -59,31 +55,19 @@ class UpstreamWatch(Service):
         """Fetch the check path once and record the outcome."""
         address = self._upstream.address
         host = "localhost" if address.is_unix else address.host
-        headers = Headers(
-            {b"Host": [host.encode("ascii")], b"User-Agent": [b"matrix-edge"]}
+        headers = [(b"Host", host.encode("ascii")), (b"User-Agent", b"matrix-edge")]
+        outcome = _CheckOutcome()
+        exchange = self._upstream.request(
+            b"GET", self._check.path.encode("ascii"), headers, None, outcome
         )
-        d = self._upstream.request(
-            b"GET", self._check.path.encode("ascii"), headers, None
-        )
-        d.addTimeout(CHECK_TIMEOUT, self._clock)
+        timeout = self._clock.callLater(CHECK_TIMEOUT, outcome.time_out, exchange)
 
-        def answered(response: IResponse) -> Deferred[None]:
-            def judged(_: object) -> None:
-                if 200 <= response.code < 300:
-                    self._upstream.mark(True)
-                else:
-                    self._upstream.mark(
-                        False, f"{self._check.path} answered {response.code}"
-                    )
+        def judged(reason: str | None) -> None:
+            if timeout.active():
+                timeout.cancel()
+            self._upstream.mark(reason is None, reason or "")
 
-            done: Deferred[None] = Deferred()
-            response.deliverBody(_Discard(done))
-            return done.addCallback(judged)
-
-        def failed(failure: Failure) -> None:
-            self._upstream.mark(False, _reason(failure))
-
-        return d.addCallback(answered).addErrback(failed)
+        return outcome.done.addCallback(judged)
 
     def _schedule(self, delay: float) -> None:
         self._call = self._clock.callLater(delay, self._run)
@@ -114,18 +98,40 @@ class UpstreamWatch(Service):
             )
 
 
-class _Discard(Protocol):
-    """Reads a response body to its end and drops it, so the connection
-    goes back to the pool."""
+class _CheckOutcome:
+    """Hears one check's exchange; ``done`` fires with None when the
+    upstream is healthy, or with the reason it is not."""
 
-    def __init__(self, done: Deferred[None]):
-        self._done = done
+    def __init__(self) -> None:
+        self.done: Deferred[str | None] = Deferred()
+        self._code = 0
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self._done.callback(None)
+    def response_head(
+        self, code: int, phrase: bytes, headers: HeaderList, length: int | None
+    ) -> None:
+        self._code = code
+
+    def response_data(self, data: bytes) -> None:
+        pass
+
+    def response_end(self, complete: bool, reason: str) -> None:
+        if not complete:
+            self._settle(f"response broken off: {reason}")
+        elif 200 <= self._code < 300:
+            self._settle(None)
         else:
-            self._done.errback(reason)
+            self._settle(f"health check answered {self._code}")
+
+    def upstream_failed(self, reason: Failure, timed_out: bool = False) -> None:
+        self._settle(_reason(reason))
+
+    def time_out(self, exchange: UpstreamExchange) -> None:
+        exchange.cancel()
+        self._settle(f"no answer in {CHECK_TIMEOUT:g}s")
+
+    def _settle(self, reason: str | None) -> None:
+        if not self.done.called:
+            self.done.callback(reason)
 
 
 def _reason(failure: Failure) -> str:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.python.failure import Failure
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 # Body bytes that may arrive before the upstream connection is ready to take
@@ -42,7 +41,7 @@ class ClientReading:
             self._resume()
 
 
-@implementer(IBodyProducer)
+@implementer(IPushProducer)
 class RequestBody:
     """The client's request body, produced to the upstream connection as its
     chunks arrive instead of after the whole body has been read.
@@ -52,7 +51,8 @@ class RequestBody:
     """
 
     def __init__(self, length: int | None, reading: ClientReading):
-        self.length = UNKNOWN_LENGTH if length is None else length
+        self.length = length
+        """The Content-Length, or None for a chunked body."""
         self._reading = reading
         self._consumer: IConsumer | None = None
         self._pending: list[bytes] = []

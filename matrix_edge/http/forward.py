@@ -7,24 +7,21 @@ pausing the other when it cannot keep up.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from matrix_edge.config.timeouts import TimeoutsConfig
 from matrix_edge.http import errors
 from matrix_edge.http.body import ClientReading, RequestBody
 from matrix_edge.http.headers import filter_headers, upstream_request_headers
-from matrix_edge.http.upstream import Upstream
+from matrix_edge.http.upstream import Upstream, UpstreamExchange
+from matrix_edge.http.upstream_protocol import HeaderList
 
 if TYPE_CHECKING:
     from matrix_edge.http.site import EdgeRequest
@@ -56,12 +53,10 @@ class Forwarding:
         self._max_body_size = max_body_size
         self._body: RequestBody | None = None
         self._body_size = 0
-        self._response_d: Deferred[IResponse] | None = None
-        self._relay: ResponseRelay | None = None
+        self._exchange: UpstreamExchange | None = None
+        self._responding = False
         self._response_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
-        self._timed_out = False
-        self._abandoned = False
         self._started_at = 0.0
         self.upstream_seconds: float | None = None
 
@@ -81,11 +76,10 @@ class Forwarding:
             self._body = RequestBody(length, reading)
             self._arm_idle_timer()
         self._started_at = self._clock.seconds()
-        d = self._upstream.request(request.method, request.uri, headers, self._body)
-        self._response_d = d
-        d.addCallbacks(self._got_response, self._upstream_failed)
-        d.addErrback(self._unexpected)
         request.notifyFinish().addErrback(self._client_gone)
+        self._exchange = self._upstream.request(
+            request.method, request.uri, headers, self._body, self
+        )
 
     def body_chunk(self, data: bytes) -> None:
         self._body_size += len(data)
@@ -100,46 +94,77 @@ class Forwarding:
     def body_complete(self) -> None:
         if self._body is not None:
             self._body.finish()
-        if self._relay is None and self._response_d is not None:
+        if not self._responding and self._exchange is not None:
             self._stop_idle_timer()
             self._arm_response_timer()
 
-    # Upstream response -------------------------------------------------
+    # The upstream exchange's reports -------------------------------------
 
-    def _got_response(self, response: IResponse) -> None:
-        self._response_d = None
-        self._upstream.mark(True)
+    def response_head(
+        self, code: int, phrase: bytes, headers: HeaderList, length: int | None
+    ) -> None:
+        self._responding = True
         self._cancel(self._response_timer)
         self.upstream_seconds = self._clock.seconds() - self._started_at
+        self._upstream.mark(True)
         request = self._request
         if request.finished or request.is_disconnected:
             return
-        request.setResponseCode(response.code, response.phrase)
-        headers = filter_headers(response.headers.getAllRawHeaders(), ())
-        if response.length is not None and response.length is not UNKNOWN_LENGTH:
-            headers.setRawHeaders(b"Content-Length", [b"%d" % response.length])
-        for name, values in headers.getAllRawHeaders():
-            request.responseHeaders.setRawHeaders(name, values)
+        request.setResponseCode(code, phrase)
+        kept = filter_headers(headers)
+        if length is not None:
+            kept.append((b"Content-Length", b"%d" % length))
+        response_headers = request.responseHeaders
+        for name, value in kept:
+            response_headers.addRawHeader(name, value)
         if not request.body_complete:
             # Synapse answered before the upload ended (a 401, a 413): the
             # rest of the body is read and dropped, and the connection is
             # closed after the response.
             request.close_after_response()
-        self._relay = ResponseRelay(self)
         self._arm_idle_timer()
-        response.deliverBody(self._relay)
+        assert self._exchange is not None
+        producer = self._exchange.producer
+        if producer is not None:
+            request.registerProducer(producer, True)
 
-    def _upstream_failed(self, failure: Failure) -> None:
-        self._response_d = None
+    def response_data(self, data: bytes) -> None:
+        self._request.write(data)
+        self._touch()
+
+    def response_end(self, complete: bool, reason: str) -> None:
+        self._exchange = None
+        self._stop_idle_timer()
+        request = self._request
+        if request.is_disconnected:
+            return
+        request.unregisterProducer()
+        if complete:
+            request.response_complete()
+        else:
+            # The response cannot be completed: the client must not take
+            # what it got for the whole of it.
+            log.warn(
+                "Upstream {upstream} broke off the response to {method} "
+                "{target}: {reason}",
+                upstream=str(self._upstream.address),
+                method=request.log_method,
+                target=request.log_target,
+                reason=reason,
+            )
+            request.break_off()
+
+    def upstream_failed(self, reason: Failure, timed_out: bool = False) -> None:
+        self._exchange = None
         self._cancel(self._response_timer)
         self._stop_idle_timer()
         request = self._request
-        if self._abandoned or request.finished or request.is_disconnected:
+        if request.finished or request.is_disconnected:
             return
-        if failure.check(ConnectError):
+        if reason.check(ConnectError):
             # Passive detection: the active check confirms recovery.
-            self._upstream.mark(False, _describe(failure))
-        if self._timed_out or failure.check(ConnectTimeoutError):
+            self._upstream.mark(False, _describe(reason))
+        if timed_out or reason.check(ConnectTimeoutError):
             log.warn(
                 "Upstream {upstream} timed out for {method} {target}",
                 upstream=str(self._upstream.address),
@@ -153,42 +178,10 @@ class Forwarding:
                 upstream=str(self._upstream.address),
                 method=request.log_method,
                 target=request.log_target,
-                reason=_describe(failure),
+                reason=_describe(reason),
             )
             error = errors.bad_gateway()
         request.answer_early(error)
-
-    def _unexpected(self, failure: Failure) -> None:
-        log.failure("Unexpected error while forwarding", failure)
-        self._request.abort()
-
-    # Response body ------------------------------------------------------
-
-    def response_data(self, data: bytes) -> None:
-        self._request.write(data)
-        self._touch()
-
-    def response_ended(self, reason: Failure) -> None:
-        self._relay = None
-        self._stop_idle_timer()
-        request = self._request
-        if request.is_disconnected:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            request.response_complete()
-        else:
-            # The response cannot be completed. Close the client connection
-            # without the final chunk, so no client takes a truncated
-            # response for a whole one.
-            log.warn(
-                "Upstream {upstream} broke off the response to {method} "
-                "{target}: {reason}",
-                upstream=str(self._upstream.address),
-                method=request.log_method,
-                target=request.log_target,
-                reason=_describe(reason),
-            )
-            request.break_off()
 
     # Cancellation and timers --------------------------------------------
 
@@ -199,16 +192,12 @@ class Forwarding:
         self._abandon_upstream()
 
     def _abandon_upstream(self) -> None:
-        self._abandoned = True
         self._cancel(self._response_timer)
         self._stop_idle_timer()
-        if self._response_d is not None:
-            d, self._response_d = self._response_d, None
-            # Cancel unconditionally: the Deferred already counts as called
-            # once connected, and cancelling still aborts the connection.
-            d.cancel()
-        if self._relay is not None:
-            self._relay.stop()
+        if self._exchange is not None:
+            exchange, self._exchange = self._exchange, None
+            # Closing the connection lets Synapse cancel the request.
+            exchange.cancel()
 
     def _arm_response_timer(self) -> None:
         # Armed once, when the request is complete (body_complete).
@@ -219,9 +208,9 @@ class Forwarding:
 
     def _response_timed_out(self) -> None:
         self._response_timer = None
-        if self._response_d is not None:
-            self._timed_out = True
-            self._response_d.cancel()
+        if self._exchange is not None and not self._responding:
+            self._abandon_upstream()
+            self.upstream_failed(Failure(CancelledError()), timed_out=True)
 
     def _arm_idle_timer(self) -> None:
         if self._idle_timer is None:
@@ -255,36 +244,8 @@ class Forwarding:
             call.cancel()
 
 
-class ResponseRelay(Protocol):
-    """Receives Synapse's response body and writes it to the client.
-
-    Registered as the client request's producer, the upstream connection
-    stops being read while the client's socket cannot take more.
-    """
-
-    def __init__(self, forwarding: Forwarding):
-        self._forwarding = forwarding
-
-    def connectionMade(self) -> None:
-        self._forwarding._request.registerProducer(self.transport, True)
-
-    def stop(self) -> None:
-        """Abandon the response: closes the upstream connection."""
-        if self.transport is not None:
-            cast(IPushProducer, self.transport).stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        self._forwarding.response_data(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        request = self._forwarding._request
-        if not request.is_disconnected:
-            request.unregisterProducer()
-        self._forwarding.response_ended(reason)
-
-
 def _describe(failure: Failure) -> str:
-    """A one-line reason, unwrapping Twisted's aggregate client failures."""
+    """A one-line reason, unwrapping Twisted's aggregate failures."""
     reasons = getattr(failure.value, "reasons", None)
     if reasons:
         return "; ".join(_describe(r) for r in reasons)

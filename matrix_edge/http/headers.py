@@ -41,7 +41,7 @@ FORWARDING_HEADERS = frozenset(
 
 # Twisted answers "Expect: 100-continue" itself and the body is streamed at
 # once, so Synapse must not wait to send a second 100.
-_REQUEST_ONLY_DROPPED = frozenset({b"expect"})
+_REQUEST_DROPPED = FORWARDING_HEADERS | {b"expect"}
 
 
 def connection_tokens(values: Sequence[bytes] | None) -> frozenset[bytes]:
@@ -57,25 +57,20 @@ def connection_tokens(values: Sequence[bytes] | None) -> frozenset[bytes]:
 
 
 def filter_headers(
-    headers: Iterable[tuple[bytes, Sequence[bytes]]], drop: Iterable[bytes]
-) -> Headers:
-    """Copy ``headers`` without hop-by-hop ones, those named in their own
-    ``Connection`` header, and the lower-cased names in ``drop``.
+    headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes] = frozenset()
+) -> list[tuple[bytes, bytes]]:
+    """Copy ``headers`` (name, value pairs) without hop-by-hop ones, those
+    named in their own ``Connection`` header, and the lower-cased names in
+    ``drop``.
 
     Every value of a repeated header is kept, in order.
     """
     items = list(headers)
-    listed: frozenset[bytes] = frozenset()
-    for name, values in items:
-        if name.lower() == b"connection":
-            listed = connection_tokens(values)
-            break
-    removed = HOP_BY_HOP | listed | frozenset(drop)
-    out = Headers()
-    for name, values in items:
-        if name.lower() not in removed:
-            out.setRawHeaders(name, list(values))
-    return out
+    listed = connection_tokens(
+        [value for name, value in items if name.lower() == b"connection"]
+    )
+    removed = HOP_BY_HOP | listed | drop if listed else HOP_BY_HOP | drop
+    return [(name, value) for name, value in items if name.lower() not in removed]
 
 
 def upstream_request_headers(
@@ -83,21 +78,28 @@ def upstream_request_headers(
     forwarded_for: bytes,
     forwarded_proto: bytes,
     request_id: tuple[bytes, bytes] | None = None,
-) -> Headers:
+) -> list[tuple[bytes, bytes]]:
     """The headers sent to Synapse for a client request.
 
     ``X-Forwarded-For`` is replaced, not appended to: Synapse believes the
     first address in it, so a client-sent value would otherwise win. The
     request ID header, when given as (name, value), replaces the client's.
     """
-    drop = FORWARDING_HEADERS | _REQUEST_ONLY_DROPPED
+    drop = _REQUEST_DROPPED
     if request_id is not None:
         drop = drop | {request_id[0].lower()}
-    out = filter_headers(client_headers.getAllRawHeaders(), drop)
-    out.setRawHeaders(b"X-Forwarded-For", [forwarded_for])
-    out.setRawHeaders(b"X-Forwarded-Proto", [forwarded_proto])
+    out = filter_headers(
+        (
+            (name, value)
+            for name, values in client_headers.getAllRawHeaders()
+            for value in values
+        ),
+        drop,
+    )
+    out.append((b"X-Forwarded-For", forwarded_for))
+    out.append((b"X-Forwarded-Proto", forwarded_proto))
     if request_id is not None:
-        out.setRawHeaders(request_id[0], [request_id[1]])
+        out.append(request_id)
     return out
 
 

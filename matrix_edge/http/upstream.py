@@ -1,24 +1,36 @@
 """The pooled HTTP/1.1 client that carries requests to Synapse.
 
-Twisted's ``Agent`` rebuilds the request target from a parsed URI, which
-drops an empty query (``/p?`` becomes ``/p``). Here the pool hands out
-connections and the request line is written from the client's bytes, so
-what Synapse sees is exactly what the client sent.
+Connections are kept open between requests (bounded by
+``upstream_pool.max_idle_connections``) and the request line is written
+from the client's bytes, so what Synapse sees is exactly what the client
+sent; Twisted's ``Agent`` would rebuild the target from a parsed URI and
+drop an empty query (``/p?`` becoming ``/p``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.web.client import HTTPConnectionPool, Request
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 
 from matrix_edge.config.timeouts import TimeoutsConfig
 from matrix_edge.config.upstream import UpstreamAddress, UpstreamPoolConfig
+from matrix_edge.http.body import RequestBody
+from matrix_edge.http.upstream_protocol import (
+    HeaderList,
+    ResponseHandler,
+    UpstreamConnection,
+)
 
 
 class Upstream:
@@ -33,17 +45,20 @@ class Upstream:
         endpoint: IStreamClientEndpoint | None = None,
     ):
         self.address = address
+        self._clock = reactor
         self._endpoint = endpoint or _endpoint_for(reactor, address, timeouts)
-        self._key = ("matrix-edge-upstream", str(address))
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = pool_config.max_idle_connections
-        self._pool.cachedConnectionTimeout = pool_config.idle_timeout  # type: ignore[assignment]
-        self._pool.retryAutomatically = True
+        self._max_idle = pool_config.max_idle_connections
+        self._idle_timeout = pool_config.idle_timeout
+        self._idle: list[UpstreamConnection] = []
+        self._expiry: dict[UpstreamConnection, IDelayedCall] = {}
+        self._factory = _ConnectionFactory(self._on_idle, self._on_lost)
         self.healthy: bool | None = None
         """What the last check or request saw: None until then."""
         self.watched = False
         """Whether active checks run, and so will notice a recovery."""
         self.on_state_change: list[Callable[[bool, str], None]] = []
+
+    # Health --------------------------------------------------------------
 
     @property
     def known_down(self) -> bool:
@@ -58,30 +73,160 @@ class Upstream:
             for callback in self.on_state_change:
                 callback(healthy, reason)
 
+    # Requests ------------------------------------------------------------
+
     def request(
         self,
         method: bytes,
         target: bytes,
-        headers: Headers,
-        body: IBodyProducer | None,
-    ) -> Deferred[IResponse]:
-        """Send one request; the Deferred fires with the response once its
-        headers have arrived, and cancelling it aborts the connection."""
-        d = self._pool.getConnection(self._key, self._endpoint)
+        headers: HeaderList,
+        body: RequestBody | None,
+        handler: ResponseHandler,
+    ) -> UpstreamExchange:
+        """Start one exchange; ``handler`` hears how it goes."""
+        exchange = UpstreamExchange(self, method, target, headers, body, handler)
+        exchange.start()
+        return exchange
 
-        def send(connection):  # type: ignore[no-untyped-def]
-            # A request without a body, answered from a pooled connection
-            # that turned out to be closed, is retried on a fresh one by the
-            # pool's retrying wrapper; one with a body is not.
-            return connection.request(
-                Request(method, target, headers, body, persistent=True)
-            )
+    def connection(self) -> Deferred[UpstreamConnection]:
+        """An idle pooled connection, most recently used first, or a new one."""
+        while self._idle:
+            connection = self._idle.pop()
+            expiry = self._expiry.pop(connection, None)
+            if expiry is not None and expiry.active():
+                expiry.cancel()
+            if connection.transport is not None:
+                return succeed(connection)
+        return self._endpoint.connect(self._factory)  # type: ignore[return-value]
 
-        return d.addCallback(send)
+    def _on_idle(self, connection: UpstreamConnection) -> None:
+        if len(self._idle) >= self._max_idle:
+            connection.abort()
+            return
+        self._idle.append(connection)
+        self._expiry[connection] = self._clock.callLater(
+            self._idle_timeout, connection.abort
+        )
+
+    def _on_lost(self, connection: UpstreamConnection) -> None:
+        if connection in self._expiry:
+            call = self._expiry.pop(connection)
+            if call.active():
+                call.cancel()
+        if connection in self._idle:
+            self._idle.remove(connection)
 
     def close(self) -> Deferred[None]:
-        """Close the idle pooled connections (at shutdown)."""
-        return self._pool.closeCachedConnections()
+        """Close the idle connections (at shutdown)."""
+        for connection in list(self._idle):
+            connection.abort()
+        return succeed(None)
+
+
+class UpstreamExchange:
+    """One request to Synapse and its response, relayed to a handler.
+
+    A request without a body that went out on a reused connection which
+    turns out to have been closed by Synapse in the meantime (the usual race
+    of keep-alive) is sent once more on a new connection.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        method: bytes,
+        target: bytes,
+        headers: HeaderList,
+        body: RequestBody | None,
+        handler: ResponseHandler,
+    ):
+        self._upstream = upstream
+        self._method = method
+        self._target = target
+        self._headers = headers
+        self._body = body
+        self._handler = handler
+        self._connecting: Deferred[UpstreamConnection] | None = None
+        self._connection: UpstreamConnection | None = None
+        self._retried = False
+        self._cancelled = False
+
+    def start(self) -> None:
+        d = self._connecting = self._upstream.connection()
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, connection: UpstreamConnection) -> None:
+        self._connecting = None
+        if self._cancelled:
+            connection.abort()
+            return
+        self._connection = connection
+        connection.send(self._method, self._target, self._headers, self._body, self)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if not self._cancelled:
+            self._handler.upstream_failed(failure)
+
+    @property
+    def producer(self) -> IPushProducer | None:
+        """What to pause to stop reading the response."""
+        return self._connection.producer if self._connection is not None else None
+
+    def cancel(self) -> None:
+        """Give up: close the connection, tell no one."""
+        self._cancelled = True
+        if self._connecting is not None:
+            self._connecting.addErrback(lambda f: f.trap(CancelledError))
+            self._connecting.cancel()
+        if self._connection is not None:
+            self._connection.abort()
+
+    # ResponseHandler, passed through -------------------------------------
+
+    def response_head(
+        self, code: int, phrase: bytes, headers: HeaderList, length: int | None
+    ) -> None:
+        self._handler.response_head(code, phrase, headers, length)
+
+    def response_data(self, data: bytes) -> None:
+        self._handler.response_data(data)
+
+    def response_end(self, complete: bool, reason: str) -> None:
+        self._handler.response_end(complete, reason)
+
+    def upstream_failed(self, reason: Failure, timed_out: bool = False) -> None:
+        connection = self._connection
+        if (
+            connection is not None
+            and connection.reused
+            and self._body is None
+            and not self._retried
+            and not self._cancelled
+        ):
+            self._retried = True
+            self._connection = None
+            d = self._connecting = self._upstream._endpoint.connect(
+                self._upstream._factory
+            )  # type: ignore[assignment]
+            d.addCallbacks(self._connected, self._connect_failed)
+            return
+        self._handler.upstream_failed(reason, timed_out)
+
+
+class _ConnectionFactory(Factory):
+    noisy = False
+
+    def __init__(
+        self,
+        on_idle: Callable[[UpstreamConnection], None],
+        on_lost: Callable[[UpstreamConnection], None],
+    ):
+        self._on_idle = on_idle
+        self._on_lost = on_lost
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        return UpstreamConnection(self._on_idle, self._on_lost)
 
 
 def _endpoint_for(
