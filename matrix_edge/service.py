@@ -201,21 +201,22 @@ def make_service(
     top = MultiService()
     upstreams: dict[UpstreamAddress, Upstream] = {}
 
-    def upstream_for(address: UpstreamAddress) -> Upstream:
+    def upstream_for(address: UpstreamAddress, web_server: bool = False) -> Upstream:
         if address not in upstreams:
             upstream = Upstream(reactor, address, config.upstream_pool, config.timeouts)
             upstreams[address] = upstream
             UpstreamService(upstream).setServiceParent(top)
-            UpstreamWatch(reactor, upstream, config.upstream_check).setServiceParent(
-                top
-            )
+            watch = UpstreamWatch(reactor, upstream, config.upstream_check, web_server)
+            watch.setServiceParent(top)
         return upstreams[address]
 
     synapse = upstream_for(config.upstream)
     live = LiveSettings(config.maintenance)
     listening_services: list[ListenerService] = []
     for i, listener in enumerate(config.listeners):
-        fallback = upstream_for(listener.fallback) if listener.fallback else None
+        fallback = None
+        if listener.fallback is not None:
+            fallback = upstream_for(listener.fallback, web_server=True)
         site = EdgeSite(listener, config, synapse, reactor, live, fallback)
         factory: IProtocolFactory = site
         if i in tls:

@@ -28,10 +28,24 @@ class UpstreamWatch(Service):
     that an operator whose Synapse is not running reads why requests get
     502 instead of guessing."""
 
-    def __init__(self, clock: Any, upstream: Upstream, check: UpstreamCheckConfig):
+    def __init__(
+        self,
+        clock: Any,
+        upstream: Upstream,
+        check: UpstreamCheckConfig,
+        web_server: bool = False,
+    ):
+        """
+        @param web_server: the upstream is a listener's fallback web server,
+            not Synapse: it has no ``/health``, so it counts as up when it
+            answers ``/`` with any HTTP response, as relayd's ``check tcp``
+            would have it.
+        """
         self._clock = clock
         self._upstream = upstream
         self._check = check
+        self._web_server = web_server
+        self._path = b"/" if web_server else check.path.encode("ascii")
         self._call: IDelayedCall | None = None
         self._in_flight: Deferred[None] | None = None
         upstream.on_state_change.append(self._log_change)
@@ -56,10 +70,8 @@ class UpstreamWatch(Service):
         address = self._upstream.address
         host = "localhost" if address.is_unix else address.host
         headers = [(b"Host", host.encode("ascii")), (b"User-Agent", b"matrix-edge")]
-        outcome = _CheckOutcome()
-        exchange = self._upstream.request(
-            b"GET", self._check.path.encode("ascii"), headers, None, outcome
-        )
+        outcome = _CheckOutcome(any_status=self._web_server)
+        exchange = self._upstream.request(b"GET", self._path, headers, None, outcome)
         timeout = self._clock.callLater(CHECK_TIMEOUT, outcome.time_out, exchange)
 
         def judged(reason: str | None) -> None:
@@ -86,7 +98,19 @@ class UpstreamWatch(Service):
 
     def _log_change(self, healthy: bool, reason: str) -> None:
         address = str(self._upstream.address)
-        if healthy:
+        if self._web_server:
+            if healthy:
+                log.info(
+                    "The fallback web server answers at {address}", address=address
+                )
+            else:
+                log.warn(
+                    "The fallback web server at {address} does not answer "
+                    "({reason}); requests for it will get 502 until it does.",
+                    address=address,
+                    reason=reason,
+                )
+        elif healthy:
             log.info("Synapse answers at {address}", address=address)
         else:
             log.warn(
@@ -102,9 +126,10 @@ class _CheckOutcome:
     """Hears one check's exchange; ``done`` fires with None when the
     upstream is healthy, or with the reason it is not."""
 
-    def __init__(self) -> None:
+    def __init__(self, any_status: bool = False) -> None:
         self.done: Deferred[str | None] = Deferred()
         self._code = 0
+        self._any_status = any_status
 
     def response_head(
         self, code: int, phrase: bytes, headers: HeaderList, length: int | None
@@ -117,7 +142,7 @@ class _CheckOutcome:
     def response_end(self, complete: bool, reason: str) -> None:
         if not complete:
             self._settle(f"response broken off: {reason}")
-        elif 200 <= self._code < 300:
+        elif self._any_status or 200 <= self._code < 300:
             self._settle(None)
         else:
             self._settle(f"health check answered {self._code}")

@@ -39,6 +39,7 @@ class H2Client:
         context.verify_mode = ssl.CERT_NONE
         context.set_alpn_protocols(["h2", "http/1.1"])
         raw = socket.create_connection((host, port), timeout=30)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = context.wrap_socket(raw, server_hostname=server_hostname)
         self.alpn = self.sock.selected_alpn_protocol()
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)

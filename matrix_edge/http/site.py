@@ -21,7 +21,12 @@ from matrix_edge.http.headers import client_address, is_trusted
 from matrix_edge.http.request_id import request_id_for
 from matrix_edge.http.routing import LOCAL, Forward, LiveSettings, Router
 from matrix_edge.http.target import split_target
-from matrix_edge.http.transport import ClientSide, client_side, transport_of
+from matrix_edge.http.transport import (
+    ClientSide,
+    client_side,
+    set_no_delay,
+    transport_of,
+)
 from matrix_edge.http.upstream import Upstream
 from matrix_edge.resources.health import HealthResource
 from matrix_edge.resources.ready import ReadyResource
@@ -57,6 +62,12 @@ def local_resources(
 class EdgeHTTPChannel(HTTPChannel):
     """HTTP/1.1 channel whose protocol-level rejections are Matrix errors
     too, rather than Twisted's bare ``400 Bad Request``."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Small writes (responses, HTTP/2 window updates) go out at once;
+        # with Nagle they can wait for the peer's delayed ACK, 40 ms here.
+        set_no_delay(self.transport)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         self._reject(errors.bad_request("Malformed HTTP request"))

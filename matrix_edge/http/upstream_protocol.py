@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from matrix_edge.http.body import RequestBody
+from matrix_edge.http.transport import set_no_delay
 
 HeaderList = list[tuple[bytes, bytes]]
 
@@ -77,6 +78,9 @@ class UpstreamConnection(Protocol):
         self.reused = False
         """Whether this connection served an exchange before (a stale
         keep-alive connection may have been closed by Synapse meanwhile)."""
+
+    def connectionMade(self) -> None:
+        set_no_delay(self.transport)
 
     # Sending -----------------------------------------------------------
 

@@ -110,3 +110,65 @@ def test_50mb_download_to_a_slow_reader(edge) -> None:
     assert received == SIZE
     assert paused["VmHWM"] - before["VmHWM"] < GROWTH_LIMIT_KIB
     assert after["VmHWM"] - before["VmHWM"] < GROWTH_LIMIT_KIB
+
+
+@pytest.fixture(scope="module")
+def tls_edge(tmp_path_factory):
+    from tests.pki import make_pki
+
+    tmp = tmp_path_factory.mktemp("streaming-h2")
+    pki = make_pki(tmp / "pki")
+    upstream_port = processes.free_port()
+    port = processes.free_port()
+    config = processes.write_config(tmp / "edge.yaml", {
+        "listeners": [{
+            "port": port, "bind_addresses": ["127.0.0.1"],
+            "tls": {"certificate_path": str(pki.chain_path), "private_key_path": str(pki.key_path)},
+        }],
+        "upstream": f"http://127.0.0.1:{upstream_port}",
+        "max_upload_size": "60M",
+    })
+    upstream = processes.start_upstream(upstream_port, tmp / "upstream.log")
+    edge = processes.start_edge(config, tmp / "edge.log", wait=("127.0.0.1", port))
+    yield edge, port
+    edge.stop()
+    upstream.stop()
+
+
+def test_50mb_over_http2_both_ways(tls_edge) -> None:
+    from tests.h2client import H2Client
+
+    process, port = tls_edge
+    client = H2Client(port)
+    try:
+        assert client.alpn == "h2"
+        client.request(b"GET", b"/_matrix/client/versions")  # warm up
+        before = processes.memory_kib(process.pid)
+        started = time.monotonic()
+        upload = client.start(
+            b"POST", b"/_matrix/media/v3/upload",
+            headers=[(b"content-length", b"%d" % SIZE)], end_stream=False,
+        )
+        client.send_body(upload, SIZE)
+        client.until(lambda: client.streams[upload].ended, timeout=120)
+        up_seconds = time.monotonic() - started
+        after_upload = processes.memory_kib(process.pid)
+        assert json.loads(bytes(client.streams[upload].body))["body_length"] == SIZE
+
+        started = time.monotonic()
+        download = client.start(b"GET", b"/_matrix/big?mb=50", keep_body=False, withhold_credit=True)
+        client.until(lambda: client.streams[download].received > 0)
+        time.sleep(2)  # the reader holds back: flow control must stop the edge
+        paused = processes.memory_kib(process.pid)
+        client.grant(download)
+        client.until(lambda: client.streams[download].ended, timeout=120)
+        down_seconds = time.monotonic() - started
+        after = processes.memory_kib(process.pid)
+        assert client.streams[download].received == SIZE
+    finally:
+        client.close()
+    _report("h2 upload", before, after_upload, up_seconds)
+    _report("h2 download", after_upload, after, down_seconds)
+    assert after_upload["VmHWM"] - before["VmHWM"] < GROWTH_LIMIT_KIB
+    assert paused["VmHWM"] - before["VmHWM"] < GROWTH_LIMIT_KIB
+    assert after["VmHWM"] - before["VmHWM"] < GROWTH_LIMIT_KIB
