@@ -7,7 +7,12 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.http import HTTPChannel, HTTPFactory, _GenericHTTPChannelProtocol
+from twisted.web.http import (
+    RESPONSES,
+    HTTPChannel,
+    HTTPFactory,
+    _GenericHTTPChannelProtocol,
+)
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
@@ -80,14 +85,7 @@ class EdgeHTTPChannel(HTTPChannel):
         transport_of(self).write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (
-                error.code,
-                b"Bad Request"
-                if error.code == 400
-                else b"Request Header Fields Too Large",
-                len(body),
-                body,
-            )
+            % (error.code, RESPONSES.get(error.code, b"Error"), len(body), body)
         )
         self.loseConnection()
 
@@ -308,6 +306,7 @@ class EdgeSite(Site):
     requestFactory = EdgeRequest  # type: ignore[assignment]
     protocol = _edge_channel
     displayTracebacks = False
+    noisy = False
 
     def __init__(
         self,
