@@ -30,6 +30,7 @@ from matrix_edge.config._base import ConfigError
 from matrix_edge.config.edge import EdgeConfig, load_config
 from matrix_edge.config.listeners import ListenerConfig
 from matrix_edge.config.upstream import UpstreamAddress
+from matrix_edge.http.accesslog_file import AccessLogFile
 from matrix_edge.http.routing import LiveSettings
 from matrix_edge.http.site import EdgeSite
 from matrix_edge.http.upstream import Upstream
@@ -212,12 +213,16 @@ def make_service(
 
     synapse = upstream_for(config.upstream)
     live = LiveSettings(config.maintenance)
+    access_file = None
+    if config.access_log.enabled and config.access_log.path is not None:
+        access_file = AccessLogFile(reactor, config.access_log.path)
+        access_file.setServiceParent(top)
     listening_services: list[ListenerService] = []
     for i, listener in enumerate(config.listeners):
         fallback = None
         if listener.fallback is not None:
             fallback = upstream_for(listener.fallback, web_server=True)
-        site = EdgeSite(listener, config, synapse, reactor, live, fallback)
+        site = EdgeSite(listener, config, synapse, reactor, live, fallback, access_file)
         factory: IProtocolFactory = site
         if i in tls:
             factory = TLSMemoryBIOFactory(tls[i], False, factory)
@@ -231,6 +236,8 @@ def make_service(
     reloader = SighupService(reactor)
     for context in {id(t): t for t in tls.values()}.values():
         reloader.add_callback(context.reload)
+    if access_file is not None:
+        reloader.add_callback(access_file.reopen)
     if config_path is not None:
         reloader.add_callback(lambda: reload_settings(config_path, config, live))
     reloader.setServiceParent(top)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
+import os
 
 import attrs
 
-from matrix_edge.config._base import KeyPath, fail, read_bool, read_mapping
+from matrix_edge.config._base import KeyPath, fail, read_bool, read_mapping, read_str
 
 
 class AccessLogFormat(enum.Enum):
@@ -21,10 +22,21 @@ class AccessLogFormat(enum.Enum):
 class AccessLogConfig:
     enabled: bool = True
     format: AccessLogFormat = AccessLogFormat.TEXT
+    path: str | None = None
+    """A file of its own for the access log, written in batches, instead of
+    the main log; reopened on SIGHUP, for logrotate."""
 
 
 def parse_access_log(value: object, path: KeyPath) -> AccessLogConfig:
-    data = read_mapping(value, path, ("enabled", "format"))
+    data = read_mapping(value, path, ("enabled", "format", "path"))
+    file_path = None
+    if data.get("path") is not None:
+        file_path = read_str(data["path"], (*path, "path"))
+        directory = os.path.dirname(os.path.abspath(file_path))
+        if not os.path.isdir(directory):
+            fail((*path, "path"), f"directory not found: {directory}")
+        if not os.access(directory, os.W_OK):
+            fail((*path, "path"), f"directory not writable: {directory}")
     format_value = data.get("format", "text")
     try:
         log_format = AccessLogFormat(format_value)
@@ -33,4 +45,5 @@ def parse_access_log(value: object, path: KeyPath) -> AccessLogConfig:
     return AccessLogConfig(
         enabled=read_bool(data.get("enabled", True), (*path, "enabled")),
         format=log_format,
+        path=file_path,
     )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 
 from matrix_edge.config.access_log import AccessLogConfig, AccessLogFormat
+from matrix_edge.http.accesslog_file import AccessLogFile
 
 if TYPE_CHECKING:
     from matrix_edge.http.site import EdgeRequest
@@ -43,31 +44,41 @@ class AccessLog:
 
     Entries go to the ``matrix_edge.access.<tag>`` namespace at INFO, apart
     from ``/health`` and ``/ready`` probes, which are logged at DEBUG so that
-    monitoring does not flood the log.
+    monitoring does not flood the log; or, with ``access_log.path``, to a
+    file of their own (without the probes).
     """
 
-    def __init__(self, tag: str, config: AccessLogConfig):
+    def __init__(
+        self, tag: str, config: AccessLogConfig, file: AccessLogFile | None = None
+    ):
         self._log = Logger(namespace=f"matrix_edge.access.{tag}")
         self._tag = tag
         self._enabled = config.enabled
         self._json = config.format is AccessLogFormat.JSON
+        self._file = file
 
     def log(self, request: EdgeRequest) -> None:
         if not self._enabled:
             return
         fields = self._fields(request)
-        emit = (
-            self._log.debug
-            if request.path in (b"/health", b"/ready")
-            else self._log.info
-        )
+        probe = request.path in (b"/health", b"/ready")
+        if self._file is not None:
+            if not probe:
+                self._file.write_line(
+                    json.dumps(fields) if self._json else self._line(fields)
+                )
+            return
+        emit = self._log.debug if probe else self._log.info
         if self._json:
             emit("{access_json}", access_json=json.dumps(fields), access=fields)
-            return
+        else:
+            emit("{access_line}", access_line=self._line(fields), access=fields)
+
+    def _line(self, fields: dict[str, Any]) -> str:
         # Built here in one go: twisted.logger's own formatting of a dozen
         # fields costs more than the rest of a small request's logging.
         upstream = fields["upstream_seconds"]
-        line = (
+        return (
             f"{fields['client']} - {self._tag} - {{{fields['request_id']}}} "
             f"{fields['total_seconds']:.3f}sec "
             f"(upstream {'-' if upstream is None else f'{upstream:.3f}sec'}) "
@@ -75,7 +86,6 @@ class AccessLog:
             f'"{fields["method"]} {fields["target"]} {fields["protocol"]}" '
             f'"{fields["user_agent"] or "-"}"'
         )
-        emit("{access_line}", access_line=line, access=fields)
 
     def _fields(self, request: EdgeRequest) -> dict[str, Any]:
         status = f"{request.code}"

@@ -20,6 +20,7 @@ from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.listeners import ListenerConfig, ListenerType
 from matrix_edge.http import errors
 from matrix_edge.http.accesslog import AccessLog, redact_target
+from matrix_edge.http.accesslog_file import AccessLogFile
 from matrix_edge.http.errors import MatrixError, write_error
 from matrix_edge.http.forward import Forwarding
 from matrix_edge.http.headers import client_address, is_trusted
@@ -316,6 +317,7 @@ class EdgeSite(Site):
         clock: IReactorTime,
         live: LiveSettings | None = None,
         fallback: Upstream | None = None,
+        access_log_file: AccessLogFile | None = None,
     ):
         super().__init__(Resource(), timeout=config.timeouts.client_idle, reactor=clock)
         upstreams = {"synapse": upstream}
@@ -330,7 +332,7 @@ class EdgeSite(Site):
         self.router = Router(
             listener, config, self.live, upstream, fallback, frozenset(self._local)
         )
-        self.access_log = AccessLog(listener.tag, config.access_log)
+        self.access_log = AccessLog(listener.tag, config.access_log, access_log_file)
 
     def getResourceFor(self, request: Request) -> IResource:
         # Local resources are found by the raw path, as routing decided;

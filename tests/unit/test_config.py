@@ -111,6 +111,8 @@ def test_upstream_forms(upstream, expected):
         (_minimal(timeouts={"sync": "1s"}), "timeouts.sync: unknown key"),
         (_minimal(upstream_pool={"max_idle_connections": 0}), "upstream_pool.max_idle_connections: must be at least 1"),
         (_minimal(access_log={"enabled": "yes"}), "access_log.enabled: expected true or false"),
+        (_minimal(access_log={"path": "/nonexistent/dir/access.log"}), "access_log.path: directory not found: /nonexistent/dir"),
+        (_minimal(access_log={"format": "xml"}), "access_log.format: expected 'text' or 'json'"),
         (_minimal(well_known={"server": "x:99999"}), "well_known.server: invalid port"),
         (_minimal(well_known={"client": "https://x"}), "well_known.client: expected a mapping"),
         (_minimal(listeners=[{"port": 1, "http2": True}]), "listeners[0].http2: HTTP/2 needs `tls`"),

@@ -289,3 +289,29 @@ def test_no_timer_outlives_its_request():
     assert len(pending) <= 2, pending
     h.clock.advance(180)
     assert not h.response().count(b"504")
+
+
+def test_access_log_file_batches_and_reopens(tmp_path):
+    from matrix_edge.http.accesslog_file import FLUSH_SECONDS, AccessLogFile
+
+    path = tmp_path / "access.log"
+    h = make_harness(access_log={"path": str(path)})
+    log_file = AccessLogFile(h.clock, str(path))
+    log_file.startService()
+    h.site.access_log._file = log_file
+    h.send(b"GET /_matrix/client/versions?access_token=secret HTTP/1.1\r\nHost: h\r\n\r\n")
+    h.connect_upstream()
+    h.upstream_says(OK)
+    h.send(b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert path.read_text() == ""  # batched
+    h.clock.advance(FLUSH_SECONDS)
+    [line] = path.read_text().splitlines()
+    assert "client-8443" in line and "access_token=<redacted>" in line and " 200 " in line
+    assert "secret" not in line
+    # logrotate moves the file away; SIGHUP reopens at the path.
+    path.rename(tmp_path / "access.log.1")
+    assert log_file.reopen()
+    h.send(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: h\r\n\r\n")
+    h.upstream_says(OK)
+    log_file.stopService()
+    assert len(path.read_text().splitlines()) == 1
