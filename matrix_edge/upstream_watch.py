@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from matrix_edge.config.upstream import UpstreamCheckConfig
-from matrix_edge.http.upstream import Upstream, UpstreamExchange
+from matrix_edge.http.upstream import Upstream, UpstreamExchange, is_local_shortage
 from matrix_edge.http.upstream_protocol import HeaderList
 
 log = Logger()
@@ -77,7 +77,8 @@ class UpstreamWatch(Service):
         def judged(reason: str | None) -> None:
             if timeout.active():
                 timeout.cancel()
-            self._upstream.mark(reason is None, reason or "")
+            if reason is not INCONCLUSIVE:
+                self._upstream.mark(reason is None, reason or "")
 
         return outcome.done.addCallback(judged)
 
@@ -122,6 +123,9 @@ class UpstreamWatch(Service):
             )
 
 
+INCONCLUSIVE = "inconclusive"
+
+
 class _CheckOutcome:
     """Hears one check's exchange; ``done`` fires with None when the
     upstream is healthy, or with the reason it is not."""
@@ -148,6 +152,11 @@ class _CheckOutcome:
             self._settle(f"health check answered {self._code}")
 
     def upstream_failed(self, reason: Failure, timed_out: bool = False) -> None:
+        if is_local_shortage(reason):
+            # Out of descriptors here: no news about the upstream.
+            log.warn("Cannot check the upstream: {reason}", reason=_reason(reason))
+            self._settle(INCONCLUSIVE)
+            return
         self._settle(_reason(reason))
 
     def time_out(self, exchange: UpstreamExchange) -> None:

@@ -20,7 +20,7 @@ from matrix_edge.config.timeouts import TimeoutsConfig
 from matrix_edge.http import errors
 from matrix_edge.http.body import ClientReading, RequestBody
 from matrix_edge.http.headers import filter_headers, upstream_request_headers
-from matrix_edge.http.upstream import Upstream, UpstreamExchange
+from matrix_edge.http.upstream import Upstream, UpstreamExchange, is_local_shortage
 from matrix_edge.http.upstream_protocol import HeaderList
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ class Forwarding:
         request = self._request
         if request.finished or request.is_disconnected:
             return
-        if reason.check(ConnectError):
+        if reason.check(ConnectError) and not is_local_shortage(reason):
             # Passive detection: the active check confirms recovery.
             self._upstream.mark(False, _describe(reason))
         if timed_out or reason.check(ConnectTimeoutError):

@@ -9,6 +9,7 @@ drop an empty query (``/p?`` becoming ``/p``).
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from typing import Any
 
@@ -121,6 +122,18 @@ class Upstream:
         for connection in list(self._idle):
             connection.abort()
         return succeed(None)
+
+
+_LOCAL_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def is_local_shortage(failure: Failure) -> bool:
+    """Whether a connection failed for want of resources here (file
+    descriptors, buffers), which says nothing about the upstream."""
+    code = getattr(failure.value, "osError", None)
+    if code is None and isinstance(failure.value, OSError):
+        code = failure.value.errno
+    return code in _LOCAL_SHORTAGES
 
 
 class UpstreamExchange:

@@ -239,3 +239,16 @@ def test_early_answer_closes_a_connection_with_an_unsent_body():
     protocol.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
     assert recorder.events[-1] == ("end", True)
     assert transport.disconnected
+
+
+def test_local_descriptor_shortage_is_not_an_upstream_failure():
+    import errno
+
+    from twisted.internet.error import ConnectError, ConnectionRefusedError
+    from twisted.python.failure import Failure
+
+    from matrix_edge.http.upstream import is_local_shortage
+
+    assert is_local_shortage(Failure(ConnectError(osError=errno.EMFILE)))
+    assert is_local_shortage(Failure(OSError(errno.ENFILE, "Too many open files in system")))
+    assert not is_local_shortage(Failure(ConnectionRefusedError()))
