@@ -65,12 +65,19 @@ def filter_headers(
 
     Every value of a repeated header is kept, in order.
     """
-    items = list(headers)
-    listed = connection_tokens(
-        [value for name, value in items if name.lower() == b"connection"]
-    )
-    removed = HOP_BY_HOP | listed | drop if listed else HOP_BY_HOP | drop
-    return [(name, value) for name, value in items if name.lower() not in removed]
+    removed = HOP_BY_HOP | drop
+    kept = []
+    listed: list[bytes] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower not in removed:
+            kept.append((lower, name, value))
+        elif lower == b"connection":
+            listed.append(value)
+    if listed:
+        extra = connection_tokens(listed)
+        return [(name, value) for lower, name, value in kept if lower not in extra]
+    return [(name, value) for _, name, value in kept]
 
 
 def upstream_request_headers(
@@ -132,10 +139,14 @@ def client_address(
     proxy, the ``X-Forwarded-For`` chain is walked from the right, past
     every trusted hop, and the first address not trusted is the client.
     """
+    if not trusted:
+        # The common case, on every request: no address parsing needed
+        # beyond unwrapping an IPv4 client on a dual-stack socket.
+        return peer[7:] if peer.startswith("::ffff:") and "." in peer else peer
     peer_ip = parse_ip(peer)
     if peer_ip is None:
         return peer
-    if not trusted or not forwarded_for or not _is_trusted(peer_ip, trusted):
+    if not forwarded_for or not _is_trusted(peer_ip, trusted):
         return str(peer_ip)
     hops = [hop for value in forwarded_for for hop in value.split(b",")]
     client = peer_ip

@@ -89,15 +89,18 @@ class Upstream:
         exchange.start()
         return exchange
 
-    def connection(self) -> Deferred[UpstreamConnection]:
-        """An idle pooled connection, most recently used first, or a new one."""
+    def idle_connection(self) -> UpstreamConnection | None:
+        """An idle pooled connection, most recently used first."""
         while self._idle:
             connection = self._idle.pop()
             expiry = self._expiry.pop(connection, None)
             if expiry is not None and expiry.active():
                 expiry.cancel()
             if connection.transport is not None:
-                return succeed(connection)
+                return connection
+        return None
+
+    def new_connection(self) -> Deferred[UpstreamConnection]:
         return self._endpoint.connect(self._factory)  # type: ignore[return-value]
 
     def _on_idle(self, connection: UpstreamConnection) -> None:
@@ -165,7 +168,11 @@ class UpstreamExchange:
         self._cancelled = False
 
     def start(self) -> None:
-        d = self._connecting = self._upstream.connection()
+        connection = self._upstream.idle_connection()
+        if connection is not None:
+            self._connected(connection)
+            return
+        d = self._connecting = self._upstream.new_connection()
         d.addCallbacks(self._connected, self._connect_failed)
 
     def _connected(self, connection: UpstreamConnection) -> None:
@@ -219,9 +226,7 @@ class UpstreamExchange:
         ):
             self._retried = True
             self._connection = None
-            d = self._connecting = self._upstream._endpoint.connect(
-                self._upstream._factory
-            )  # type: ignore[assignment]
+            d = self._connecting = self._upstream.new_connection()
             d.addCallbacks(self._connected, self._connect_failed)
             return
         self._handler.upstream_failed(reason, timed_out)

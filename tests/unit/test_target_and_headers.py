@@ -157,3 +157,12 @@ def test_redaction():
     )
     assert redact_target(b"/x?a=1&client_secret=s3cr3t") == "/x?a=1&client_secret=<redacted>"
     assert redact_target(b"/x?my_access_token=keep") == "/x?my_access_token=keep"
+
+
+@pytest.mark.parametrize(
+    ("peer", "expected"),
+    [("203.0.113.5", "203.0.113.5"), ("::ffff:203.0.113.5", "203.0.113.5"),
+     ("2001:db8::1", "2001:db8::1"), ("::ffff:0:1", "::ffff:0:1")],
+)
+def test_client_address_without_trusted_proxies(peer, expected):
+    assert client_address(peer, [b"6.6.6.6"], []) == expected
