@@ -13,8 +13,14 @@ import errno
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+)
 from twisted.internet.interfaces import (
     IDelayedCall,
     IPushProducer,
@@ -253,4 +259,11 @@ def _endpoint_for(
     timeout = max(1, round(timeouts.upstream_connect))
     if address.is_unix:
         return UNIXClientEndpoint(reactor, address.unix_path, timeout=timeout)
+    # An address needs no resolving, and HostnameEndpoint's machinery for
+    # names (resolution, racing attempts) costs on every new connection,
+    # thousands of them when clients come back after a restart.
+    if isIPAddress(address.host):
+        return TCP4ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
+    if isIPv6Address(address.host):
+        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
     return HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
