@@ -64,6 +64,14 @@ def gateway_timeout() -> MatrixError:
     return MatrixError(504, "M_UNKNOWN", "The homeserver did not answer in time")
 
 
+def refuse_method(request: Request, allowed: bytes) -> bytes:
+    """Answer a method a local resource does not take: 405 with Allow, the
+    Matrix spec's M_UNRECOGNIZED. Returns the body for render()."""
+    write_error(request, MatrixError(405, "M_UNRECOGNIZED", "Unrecognized request"))
+    request.setHeader(b"Allow", allowed)
+    return b""
+
+
 def write_error(request: Request, error: MatrixError) -> None:
     """Set status, headers and body of ``request`` to ``error``.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from matrix_edge.http.errors import MatrixError, write_error
+from matrix_edge.http.errors import refuse_method
 
 
 class HealthResource(Resource):
@@ -16,11 +16,7 @@ class HealthResource(Resource):
 
     def render(self, request: Request) -> bytes:
         if request.method not in (b"GET", b"HEAD"):
-            write_error(
-                request, MatrixError(405, "M_UNRECOGNIZED", "Unrecognized request")
-            )
-            request.setHeader(b"Allow", b"GET, HEAD")
-            return b""
+            return refuse_method(request, b"GET, HEAD")
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
         return b"OK"

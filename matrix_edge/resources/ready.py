@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from matrix_edge.http.errors import CORS_HEADERS, MatrixError, write_error
+from matrix_edge.http.errors import CORS_HEADERS, refuse_method
 from matrix_edge.http.upstream import Upstream
 
 
@@ -25,10 +25,7 @@ class ReadyResource(Resource):
 
     def render(self, request: Request) -> bytes:
         if request.method not in (b"GET", b"HEAD"):
-            write_error(
-                request, MatrixError(405, "M_UNRECOGNIZED", "Unrecognized request")
-            )
-            return b""
+            return refuse_method(request, b"GET, HEAD")
         states = {
             name: {True: "up", False: "down", None: "unknown"}[upstream.healthy]
             for name, upstream in self._upstreams.items()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from matrix_edge.http.errors import CORS_HEADERS, MatrixError, write_error
+from matrix_edge.http.errors import CORS_HEADERS, refuse_method
 
 # Clients and servers cache delegation; an hour is what Synapse's own
 # deployment charts serve.
@@ -29,11 +29,7 @@ class WellKnownResource(Resource):
             request.setResponseCode(204)
             return b""
         if request.method not in (b"GET", b"HEAD"):
-            write_error(
-                request, MatrixError(405, "M_UNRECOGNIZED", "Unrecognized request")
-            )
-            request.setHeader(b"Allow", b"GET, HEAD, OPTIONS")
-            return b""
+            return refuse_method(request, b"GET, HEAD, OPTIONS")
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", CACHE_CONTROL)
         return self._body
