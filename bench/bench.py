@@ -121,6 +121,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="turn every proxy's access log off (default: on for all three)",
     )
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run matrix-edge with `processes: N` and report each process's "
+        "share of the work (default 1; the others always run one process)",
+    )
+    parser.add_argument(
         "--keep-logs",
         action="store_true",
         help="keep bench/results/run/ (configs and logs)",
@@ -147,6 +154,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         long_poll_delay=delay,
         access_log=not args.no_access_log,
         quick=quick,
+        processes=max(1, args.processes),
     )
 
 
@@ -282,7 +290,10 @@ def run_suite(
     samples: list[Sample] = []
     speaks_h2: dict[str, bool] = {}
     cert = make_certificate(run)
-    proxies = [make_proxy(name, run, cert, settings.access_log) for name in proxy_names]
+    proxies = [
+        make_proxy(name, run, cert, settings.access_log, settings.processes)
+        for name in proxy_names
+    ]
     throughput = [s for s in scenarios if s.kind == "throughput"]
     parked = [s for s in scenarios if s.kind == "parked"]
     transfers = [s for s in scenarios if s.kind == "transfer"]

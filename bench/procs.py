@@ -151,10 +151,11 @@ def _read_stat(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of C{pid}'s tree, all threads included."""
+def cpu_seconds(pid: int, tree: bool = True) -> float:
+    """User plus system CPU time of C{pid}'s tree (or of C{pid} alone), all
+    threads included."""
     total = 0
-    for member in process_tree(pid):
+    for member in process_tree(pid) if tree else [pid]:
         stat = _read_stat(member)
         if stat is not None:
             # utime and stime are fields 14 and 15 of stat(5), 12 and 13 here.

@@ -137,6 +137,8 @@ class Settings:
     long_poll_delay: float
     access_log: bool
     quick: bool
+    processes: int = 1
+    """matrix-edge's ``processes``."""
 
 
 def log(message: str) -> None:
@@ -185,9 +187,26 @@ def measure_throughput(
     proxy: Proxy, scenario: Scenario, seconds: float, run: RunDir, sample: Sample
 ) -> None:
     """One load run, with the proxy's CPU time read around it."""
+    members = procs.process_tree(proxy.pid)
+    each_before = {pid: procs.cpu_seconds(pid, tree=False) for pid in members}
     cpu_before = procs.cpu_seconds(proxy.pid)
     result = _run_load(proxy, scenario, seconds, run)
     cpu = procs.cpu_seconds(proxy.pid) - cpu_before
+    if getattr(proxy, "processes", 1) > 1 and cpu > 0:
+        # Each process's share of the CPU, and so of the requests: the
+        # figure per process for `processes: N`.
+        shares = [
+            (pid, procs.cpu_seconds(pid, tree=False) - before)
+            for pid, before in each_before.items()
+        ]
+        sample.notes.append(
+            f"{proxy.name} {scenario.name} round {sample.round}, per process: "
+            + ", ".join(
+                f"pid {pid} {used:.2f} CPU s ({used / cpu:.0%}, "
+                f"~{result.rps * used / cpu:,.0f} req/s)"
+                for pid, used in shares
+            )
+        )
     per_request = cpu / result.requests if result.requests else None
     sample.metrics.update(
         rps=result.rps,

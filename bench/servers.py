@@ -278,6 +278,7 @@ class MatrixEdge(Proxy):
     (access lines included) goes to standard output, kept in a file."""
 
     name: str = "matrix-edge"
+    processes: int = 1
 
     def config_suffix(self) -> str:
         return "yaml"
@@ -304,6 +305,7 @@ class MatrixEdge(Proxy):
                 else {"enabled": False}
             ),
             "timeouts": {"upstream_response": "180s"},
+            "processes": self.processes,
         }
         # JSON is YAML, and needs no YAML library here.
         return json.dumps(config, indent=2) + "\n"
@@ -475,9 +477,16 @@ def ports_in_use() -> list[int]:
 
 
 def make_proxy(
-    name: str, run: RunDir, cert: tuple[Path, Path, Path], access_log: bool
+    name: str,
+    run: RunDir,
+    cert: tuple[Path, Path, Path],
+    access_log: bool,
+    processes: int = 1,
 ) -> Proxy:
     plain, tls = PROXY_PORTS[name]
-    return PROXY_CLASSES[name](
+    proxy = PROXY_CLASSES[name](
         run=run, cert=cert, access_log=access_log, plain_port=plain, tls_port=tls
     )
+    if isinstance(proxy, MatrixEdge):
+        proxy.processes = processes
+    return proxy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -56,15 +57,19 @@ class ListenerService(Service):
         listener: ListenerConfig,
         factory: IProtocolFactory,
         inherited: dict[str, int] | None = None,
+        reuse_port: bool = False,
     ):
         """
         @param inherited: sockets already bound by another process, by
             address, as file descriptors (a worker's, see L{workers}).
+        @param reuse_port: bind with SO_REUSEPORT, so that workers get
+            sockets of their own on the same port (L{worker_sockets}).
         """
         self._reactor = reactor
         self._listener = listener
         self._factory = factory
         self._inherited = inherited
+        self._reuse_port = reuse_port
         self.ports: list[tuple[str, IListeningPort]] = []
 
     def privilegedStartService(self) -> None:
@@ -103,6 +108,13 @@ class ListenerService(Service):
             endpoint = AdoptedStreamServerEndpoint(
                 self._reactor, self._inherited[address], family
             )
+        elif self._reuse_port:
+            try:
+                sock = reuse_port_socket(address, self._listener.port)
+            except OSError as e:
+                raise CannotListenError(address, self._listener.port, e) from e
+            # The endpoint adopts a duplicate and closes the descriptor.
+            endpoint = AdoptedStreamServerEndpoint(self._reactor, sock.detach(), family)
         elif family == socket.AF_INET6:
             endpoint = TCP6ServerEndpoint(
                 self._reactor, self._listener.port, backlog=511, interface=address
@@ -123,12 +135,47 @@ class ListenerService(Service):
         assert not isinstance(result, Failure)
         return result
 
+    def worker_sockets(self) -> list[tuple[str, socket.socket]]:
+        """A listening socket per bound address for one worker: its own,
+        on the same port with SO_REUSEPORT, so the kernel spreads new
+        connections evenly over the processes; or, where that cannot be
+        bound again (a port below 1024 after twistd gave up root), a
+        duplicate of ours, whose connections go to whichever process
+        accepts first."""
+        out = []
+        for address, port in self.ports:
+            try:
+                sock = reuse_port_socket(address, self._listener.port)
+            except OSError:
+                fileno = port.fileno()  # type: ignore[attr-defined]
+                sock = socket.socket(fileno=os.dup(fileno))
+            out.append((address, sock))
+        return out
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
         ports, self.ports = self.ports, []
         return gatherResults(
             [maybeDeferred(p.stopListening) for _, p in ports]
         ).addCallback(lambda _: None)
+
+
+def reuse_port_socket(address: str, port: int) -> socket.socket:
+    """A listening socket with SO_REUSEPORT: other processes of the same
+    user may bind the same address and port, and the kernel balances new
+    connections across them."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address, port))
+        sock.listen(511)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _is_tolerated_bind_error(
@@ -229,7 +276,13 @@ def make_service(
         adopted = None
         if inherited is not None:
             adopted = {s.address: s.fd for s in inherited if s.listener == i}
-        listening = ListenerService(reactor, listener, factory, adopted)
+        listening = ListenerService(
+            reactor,
+            listener,
+            factory,
+            adopted,
+            reuse_port=config.processes > 1 and inherited is None,
+        )
         listening.setServiceParent(top)
         listening_services.append(listening)
 
@@ -244,11 +297,11 @@ def make_service(
 
     if config.processes > 1 and inherited is None and config_path is not None:
 
-        def bound_sockets() -> list[tuple[int, str, int]]:
+        def bound_sockets() -> list[tuple[int, str, socket.socket]]:
             return [
-                (i, address, port.fileno())  # type: ignore[attr-defined]
+                (i, address, sock)
                 for i, service in enumerate(listening_services)
-                for address, port in service.ports
+                for address, sock in service.worker_sockets()
             ]
 
         supervisor = WorkerSupervisor(

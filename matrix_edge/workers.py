@@ -1,8 +1,9 @@
 """Several processes serving the same listeners, to use every core.
 
 The first process binds the listening sockets (as root, if it must), then
-starts ``processes - 1`` workers that inherit them: the kernel hands each
-new connection to whichever process accepts it first. The first process
+starts ``processes - 1`` workers that inherit sockets bound to the same
+ports with SO_REUSEPORT: the kernel spreads new connections evenly over
+the processes. The first process
 serves too, relays the workers' logs into its own, passes SIGHUP on, and
 stops them when it stops, so one pidfile and one supervisor entry cover
 them all.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -79,12 +81,13 @@ class WorkerSupervisor(Service):
         reactor: Any,
         count: int,
         config_path: str,
-        sockets: Callable[[], Sequence[tuple[int, str, int]]],
+        sockets: Callable[[], Sequence[tuple[int, str, socket.socket]]],
     ):
         """
         @param count: the number of workers besides this process.
-        @param sockets: called once the listeners are bound, giving
-            (listener index, address, file descriptor) of each socket.
+        @param sockets: called for each worker started, once the listeners
+            are bound, giving (listener index, address, listening socket)
+            for the worker; they are closed here once it has them.
         """
         self._reactor = reactor
         self._count = count
@@ -101,8 +104,9 @@ class WorkerSupervisor(Service):
     def _spawn(self, index: int) -> None:
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         inherited = []
-        for n, (listener, address, fd) in enumerate(self._sockets()):
-            child_fds[3 + n] = fd
+        sockets = self._sockets()
+        for n, (listener, address, sock) in enumerate(sockets):
+            child_fds[3 + n] = sock.fileno()
             inherited.append(InheritedSocket(listener, address, 3 + n).to_arg())
         worker = _Worker(index, self._exited)
         args = [
@@ -115,9 +119,15 @@ class WorkerSupervisor(Service):
             str(index),
             *(arg for socket in inherited for arg in ("--socket", socket)),
         ]
-        transport = self._reactor.spawnProcess(
-            worker, sys.executable, args, env=os.environ.copy(), childFDs=child_fds
-        )
+        try:
+            transport = self._reactor.spawnProcess(
+                worker, sys.executable, args, env=os.environ.copy(), childFDs=child_fds
+            )
+        finally:
+            # The worker has its copies; a worker's own sockets must close
+            # with it, so that the kernel stops giving them connections.
+            for _, _, sock in sockets:
+                sock.close()
         self._workers[index] = worker
         log.info("Started worker {index} (pid {pid})", index=index, pid=transport.pid)
 
