@@ -86,9 +86,15 @@ class EdgeHTTPChannel(HTTPChannel):
         transport_of(self).write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (error.code, RESPONSES.get(error.code, b"Error"), len(body), body)
+            % (error.code, _reason_phrase(error.code), len(body), body)
         )
         self.loseConnection()
+
+
+def _reason_phrase(code: int) -> bytes:
+    if code == 431:  # not in Twisted's table
+        return b"Request Header Fields Too Large"
+    return RESPONSES.get(code, b"Error")
 
 
 class EdgeRequest(Request):
@@ -174,7 +180,8 @@ class EdgeRequest(Request):
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
         self._cancel_linger()
-        if not self.finished:
+        # A request whose headers never all arrived has nothing to log.
+        if not self.finished and self.site is not None:
             self.site.access_log.log(self)
 
     # Used by the forwarding ----------------------------------------------

@@ -315,3 +315,12 @@ def test_access_log_file_batches_and_reopens(tmp_path):
     h.upstream_says(OK)
     log_file.stopService()
     assert len(path.read_text().splitlines()) == 1
+
+
+def test_connection_lost_before_the_headers_are_complete():
+    h = make_harness()
+    h.send(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: h\r\n")
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    h.channel.connectionLost(Failure(ConnectionDone()))  # must not raise
