@@ -162,6 +162,8 @@ def client_address(
 
 def is_trusted(peer: str, trusted: Sequence[IPNetwork]) -> bool:
     """Whether the connection comes from a configured trusted proxy."""
+    if not trusted:
+        return False
     address = parse_ip(peer)
     return address is not None and _is_trusted(address, trusted)
 

@@ -57,7 +57,8 @@ class Upstream:
         self._max_idle = pool_config.max_idle_connections
         self._idle_timeout = pool_config.idle_timeout
         self._idle: list[UpstreamConnection] = []
-        self._expiry: dict[UpstreamConnection, IDelayedCall] = {}
+        self._idle_since: dict[UpstreamConnection, float] = {}
+        self._sweep: IDelayedCall | None = None
         self._factory = _ConnectionFactory(self._on_idle, self._on_lost)
         self.healthy: bool | None = None
         """What the last check or request saw: None until then."""
@@ -99,9 +100,7 @@ class Upstream:
         """An idle pooled connection, most recently used first."""
         while self._idle:
             connection = self._idle.pop()
-            expiry = self._expiry.pop(connection, None)
-            if expiry is not None and expiry.active():
-                expiry.cancel()
+            self._idle_since.pop(connection, None)
             if connection.transport is not None:
                 return connection
         return None
@@ -114,15 +113,28 @@ class Upstream:
             connection.abort()
             return
         self._idle.append(connection)
-        self._expiry[connection] = self._clock.callLater(
-            self._idle_timeout, connection.abort
-        )
+        self._idle_since[connection] = self._clock.seconds()
+        # One timer for the whole pool, rather than one set and cancelled
+        # per request.
+        if self._sweep is None:
+            self._sweep = self._clock.callLater(self._idle_timeout, self._expire)
+
+    def _expire(self) -> None:
+        """Close the connections idle for longer than the idle timeout."""
+        self._sweep = None
+        now = self._clock.seconds()
+        for connection, since in list(self._idle_since.items()):
+            if now - since >= self._idle_timeout:
+                self._on_lost(connection)
+                connection.abort()
+        if self._idle_since:
+            oldest = min(self._idle_since.values())
+            self._sweep = self._clock.callLater(
+                max(0.0, oldest + self._idle_timeout - now), self._expire
+            )
 
     def _on_lost(self, connection: UpstreamConnection) -> None:
-        if connection in self._expiry:
-            call = self._expiry.pop(connection)
-            if call.active():
-                call.cancel()
+        self._idle_since.pop(connection, None)
         if connection in self._idle:
             self._idle.remove(connection)
 
@@ -130,6 +142,9 @@ class Upstream:
         """Close the idle connections (at shutdown)."""
         for connection in list(self._idle):
             connection.abort()
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
         return succeed(None)
 
 

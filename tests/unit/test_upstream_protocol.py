@@ -252,3 +252,18 @@ def test_local_descriptor_shortage_is_not_an_upstream_failure():
     assert is_local_shortage(Failure(ConnectError(osError=errno.EMFILE)))
     assert is_local_shortage(Failure(OSError(errno.ENFILE, "Too many open files in system")))
     assert not is_local_shortage(Failure(ConnectionRefusedError()))
+
+
+def test_idle_expiry_counts_from_the_last_use():
+    clock, upstream = make_upstream(idle_timeout=30.0)
+    upstream.request(b"GET", b"/1", HEADERS, None, Recorder())
+    protocol, transport = connect(clock)
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    clock.advance(20)
+    upstream.request(b"GET", b"/2", HEADERS, None, Recorder())  # reused
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    clock.advance(20)  # 40 s since the first use, 20 since the last
+    assert not transport.disconnected
+    clock.advance(11)
+    assert transport.disconnected
+    assert upstream.idle_connection() is None
