@@ -13,7 +13,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from matrix_edge.config.upstream import UpstreamCheckConfig
-from matrix_edge.http.upstream import Upstream, UpstreamExchange, is_local_shortage
+from matrix_edge.http.upstream import (
+    Upstream,
+    UpstreamExchange,
+    describe_failure,
+    is_local_shortage,
+)
 from matrix_edge.http.upstream_protocol import HeaderList
 
 log = Logger()
@@ -154,10 +159,12 @@ class _CheckOutcome:
     def upstream_failed(self, reason: Failure, timed_out: bool = False) -> None:
         if is_local_shortage(reason):
             # Out of descriptors here: no news about the upstream.
-            log.warn("Cannot check the upstream: {reason}", reason=_reason(reason))
+            log.warn(
+                "Cannot check the upstream: {reason}", reason=describe_failure(reason)
+            )
             self._settle(INCONCLUSIVE)
             return
-        self._settle(_reason(reason))
+        self._settle(describe_failure(reason))
 
     def time_out(self, exchange: UpstreamExchange) -> None:
         exchange.cancel()
@@ -166,10 +173,3 @@ class _CheckOutcome:
     def _settle(self, reason: str | None) -> None:
         if not self.done.called:
             self.done.callback(reason)
-
-
-def _reason(failure: Failure) -> str:
-    reasons = getattr(failure.value, "reasons", None)
-    if reasons:
-        return "; ".join(_reason(r) for r in reasons)
-    return failure.getErrorMessage() or type(failure.value).__name__

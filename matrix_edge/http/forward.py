@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError
-from twisted.internet.error import ConnectError, ConnectingCancelledError
+from twisted.internet.error import ConnectError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -20,7 +20,12 @@ from matrix_edge.config.timeouts import TimeoutsConfig
 from matrix_edge.http import errors
 from matrix_edge.http.body import ClientReading, RequestBody
 from matrix_edge.http.headers import filter_headers, upstream_request_headers
-from matrix_edge.http.upstream import Upstream, UpstreamExchange, is_local_shortage
+from matrix_edge.http.upstream import (
+    Upstream,
+    UpstreamExchange,
+    describe_failure,
+    is_local_shortage,
+)
 from matrix_edge.http.upstream_protocol import HeaderList
 
 if TYPE_CHECKING:
@@ -163,7 +168,7 @@ class Forwarding:
             return
         if reason.check(ConnectError) and not is_local_shortage(reason):
             # Passive detection: the active check confirms recovery.
-            self._upstream.mark(False, _describe(reason))
+            self._upstream.mark(False, describe_failure(reason))
         if timed_out or reason.check(ConnectTimeoutError):
             log.warn(
                 "Upstream {upstream} timed out for {method} {target}",
@@ -178,7 +183,7 @@ class Forwarding:
                 upstream=str(self._upstream.address),
                 method=request.log_method,
                 target=request.log_target,
-                reason=_describe(reason),
+                reason=describe_failure(reason),
             )
             error = errors.bad_gateway()
         request.answer_early(error)
@@ -242,13 +247,3 @@ class Forwarding:
     def _cancel(call: IDelayedCall | None) -> None:
         if call is not None and call.active():
             call.cancel()
-
-
-def _describe(failure: Failure) -> str:
-    """A one-line reason, unwrapping Twisted's aggregate failures."""
-    reasons = getattr(failure.value, "reasons", None)
-    if reasons:
-        return "; ".join(_describe(r) for r in reasons)
-    if failure.check(CancelledError, ConnectingCancelledError):
-        return "cancelled"
-    return f"{type(failure.value).__name__}: {failure.value}"

@@ -196,7 +196,7 @@ class EdgeRequest(Request):
 
     @property
     def request_id_header(self) -> bytes:
-        return self.site.config.request_id_header.encode("ascii")
+        return self.site.request_id_header
 
     @property
     def log_method(self) -> str:
@@ -333,6 +333,7 @@ class EdgeSite(Site):
         self._local = local_resources(listener, config, upstreams)
         self.listener = listener
         self.config = config
+        self.request_id_header = config.request_id_header.encode("ascii")
         self.upstream = upstream
         self.clock = clock
         self.live = live or LiveSettings(config.maintenance)

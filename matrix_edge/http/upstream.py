@@ -21,6 +21,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     UNIXClientEndpoint,
 )
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import (
     IDelayedCall,
     IPushProducer,
@@ -158,6 +159,17 @@ def is_local_shortage(failure: Failure) -> bool:
     if code is None and isinstance(failure.value, OSError):
         code = failure.value.errno
     return code in _LOCAL_SHORTAGES
+
+
+def describe_failure(failure: Failure) -> str:
+    """A one-line reason for logs, unwrapping Twisted's aggregate
+    failures."""
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return "; ".join(describe_failure(r) for r in reasons)
+    if failure.check(CancelledError, ConnectingCancelledError):
+        return "cancelled"
+    return f"{type(failure.value).__name__}: {failure.value}"
 
 
 class UpstreamExchange:

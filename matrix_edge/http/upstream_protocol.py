@@ -51,10 +51,6 @@ class UpstreamError(Exception):
     HTTP/1.1, before the response could start."""
 
 
-class ExchangeAborted(Exception):
-    """The edge gave up on the exchange (client gone, timeout)."""
-
-
 class UpstreamConnection(Protocol):
     """One keep-alive connection; see the module docstring."""
 
@@ -377,10 +373,6 @@ class UpstreamConnection(Protocol):
         """The connection's transport, for the client side to pause."""
         assert self.transport is not None
         return self.transport  # type: ignore[return-value]
-
-    @property
-    def response_started(self) -> bool:
-        return self._head_started
 
 
 def _consumer(connection: UpstreamConnection) -> IConsumer:
