@@ -9,6 +9,9 @@ body):
   /die               promises 1000 bytes, sends 10, closes
   /early413          answers 413 at once, without reading the request body
   /status?code=N     answers with that status
+  /_matrix/client/v3/account/whoami
+                     {"user_id": "@alice:test"} for a Bearer token
+                     "tok-alice-DEVICE", 401 M_UNKNOWN_TOKEN otherwise
 """
 
 from __future__ import annotations
@@ -106,7 +109,9 @@ class UpstreamProtocol(Protocol):
         self._current = rec
         self._hash = hashlib.sha256()
         lengths = rec.headers(b"content-length")
-        self._chunked = b"chunked" in b",".join(rec.headers(b"transfer-encoding")).lower()
+        self._chunked = (
+            b"chunked" in b",".join(rec.headers(b"transfer-encoding")).lower()
+        )
         self._remaining = int(lengths[0]) if lengths else (None if self._chunked else 0)
         if _route(rec.target) == b"/early413":
             self._respond(413, b'{"errcode":"M_TOO_LARGE","error":"no"}', close=True)
@@ -174,6 +179,9 @@ class UpstreamProtocol(Protocol):
             )
             self.transport.loseConnection()
             return
+        if path == b"/client/v3/account/whoami":
+            self._whoami(rec)
+            return
         code = int(args.get("code", ["200"])[0]) if path == b"/status" else 200
         body = json.dumps(
             {
@@ -185,6 +193,16 @@ class UpstreamProtocol(Protocol):
             }
         ).encode()
         self._respond(code, body)
+
+    def _whoami(self, rec: Recorded) -> None:
+        self.factory.whoami_lookups += 1
+        token = b"".join(rec.headers(b"authorization")).partition(b"Bearer ")[2]
+        parts = token.split(b"-")
+        if len(parts) == 3 and parts[0] == b"tok":
+            user = b"@%s:test" % parts[1]
+            self._respond(200, json.dumps({"user_id": user.decode()}).encode())
+        else:
+            self._respond(401, b'{"errcode": "M_UNKNOWN_TOKEN", "error": "?"}')
 
     def _respond(self, code: int, body: bytes, close: bool = False) -> None:
         assert self.transport is not None
@@ -218,6 +236,7 @@ class RecordingUpstreamFactory(Factory):
         self.connections = 0
         self.open_connections = 0
         self.lost: list[int] = []
+        self.whoami_lookups = 0
 
     def buildProtocol(self, addr: Any) -> Protocol:
         self.open_connections += 1
@@ -230,7 +249,9 @@ def main() -> None:
 
     from twisted.internet import reactor
 
-    reactor.listenTCP(int(sys.argv[1]), RecordingUpstreamFactory(), interface="127.0.0.1")
+    reactor.listenTCP(
+        int(sys.argv[1]), RecordingUpstreamFactory(), interface="127.0.0.1"
+    )
     reactor.run()
 
 

@@ -31,6 +31,7 @@ from matrix_edge.config.upstream import (
     parse_upstream_pool,
 )
 from matrix_edge.config.well_known import WellKnownConfig, parse_well_known
+from matrix_edge.config.workers import WorkersConfig, parse_workers
 
 DEFAULT_MAX_UPLOAD_SIZE = 50 * 1024 * 1024
 
@@ -56,6 +57,7 @@ class EdgeConfig:
     access_log: AccessLogConfig = attrs.field(factory=AccessLogConfig)
     well_known: WellKnownConfig = attrs.field(factory=WellKnownConfig)
     maintenance: MaintenanceConfig = attrs.field(factory=MaintenanceConfig)
+    workers: WorkersConfig = attrs.field(factory=WorkersConfig)
 
 
 _TOP_KEYS = (
@@ -72,6 +74,7 @@ _TOP_KEYS = (
     "access_log",
     "well_known",
     "maintenance",
+    "workers",
 )
 
 
@@ -113,6 +116,7 @@ def parse_config(value: object, path: KeyPath = ()) -> EdgeConfig:
         access_log=parse_access_log(data.get("access_log"), (*path, "access_log")),
         well_known=parse_well_known(data.get("well_known"), (*path, "well_known")),
         maintenance=parse_maintenance(data.get("maintenance"), (*path, "maintenance")),
+        workers=parse_workers(data.get("workers"), (*path, "workers")),
     )
 
 

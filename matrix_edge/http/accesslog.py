@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
 from matrix_edge.config.access_log import AccessLogConfig, AccessLogFormat
 from matrix_edge.http.accesslog_file import AccessLogFile
+from matrix_edge.pools.keys import xmatrix_origin
 
 if TYPE_CHECKING:
     from matrix_edge.http.site import EdgeRequest
 
 _SECRET_PARAMS = re.compile(rb"(?<=[?&])(access_token|client_secret)=[^&]*")
-_X_MATRIX_ORIGIN = re.compile(rb'(?:^|[\s,])origin="?([^",\s]+)"?', re.IGNORECASE)
 
 
 def redact_target(target: bytes) -> str:
@@ -25,18 +24,6 @@ def redact_target(target: bytes) -> str:
     query replaced by ``<redacted>``."""
     redacted = _SECRET_PARAMS.sub(rb"\1=<redacted>", target)
     return redacted.decode("ascii", "backslashreplace")
-
-
-def federation_origin(authorization: Sequence[bytes] | None) -> str | None:
-    """The ``origin`` of an ``Authorization: X-Matrix`` header: the server
-    that signed a federation request. The signature itself is not kept."""
-    for value in authorization or ():
-        scheme, _, params = value.partition(b" ")
-        if scheme.lower() == b"x-matrix":
-            found = _X_MATRIX_ORIGIN.search(params)
-            if found:
-                return found.group(1).decode("ascii", "backslashreplace")
-    return None
 
 
 class AccessLog:
@@ -78,10 +65,11 @@ class AccessLog:
         # Built here in one go: twisted.logger's own formatting of a dozen
         # fields costs more than the rest of a small request's logging.
         upstream = fields["upstream_seconds"]
+        via = f" via {fields['pool']} {fields['worker']}" if "worker" in fields else ""
         return (
             f"{fields['client']} - {self._tag} - {{{fields['request_id']}}} "
             f"{fields['total_seconds']:.3f}sec "
-            f"(upstream {'-' if upstream is None else f'{upstream:.3f}sec'}) "
+            f"(upstream {'-' if upstream is None else f'{upstream:.3f}sec'}{via}) "
             f"{fields['bytes']}B {fields['status']} "
             f'"{fields["method"]} {fields["target"]} {fields["protocol"]}" '
             f'"{fields["user_agent"] or "-"}"'
@@ -92,7 +80,8 @@ class AccessLog:
         if request.is_disconnected:
             status = f"{request.code}!" if request.startedWriting else "499!"
         agent = request.getHeader(b"user-agent")
-        return {
+        origin = xmatrix_origin(request.requestHeaders.getRawHeaders(b"authorization"))
+        fields = {
             "client": request.client_ip,
             "listener": self._tag,
             "request_id": request.request_id,
@@ -104,7 +93,9 @@ class AccessLog:
             "upstream_seconds": request.upstream_seconds,
             "total_seconds": round(request.elapsed_seconds(), 6),
             "user_agent": agent.decode("ascii", "backslashreplace") if agent else None,
-            "origin": federation_origin(
-                request.requestHeaders.getRawHeaders(b"authorization")
-            ),
+            "origin": origin.decode("ascii", "backslashreplace") if origin else None,
         }
+        worker = request.worker
+        if worker is not None:
+            fields["pool"], fields["worker"] = worker
+        return fields

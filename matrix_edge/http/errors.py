@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import attrs
 from twisted.web.server import Request
@@ -31,7 +32,10 @@ class MatrixError:
     """Seconds, sent as ``Retry-After``."""
 
     def body(self) -> bytes:
-        return json.dumps({"errcode": self.errcode, "error": self.msg}).encode()
+        document: dict[str, object] = {"errcode": self.errcode, "error": self.msg}
+        if self.errcode == "M_LIMIT_EXCEEDED" and self.retry_after is not None:
+            document["retry_after_ms"] = round(self.retry_after * 1000)
+        return json.dumps(document).encode()
 
 
 def bad_request(msg: str) -> MatrixError:
@@ -48,6 +52,13 @@ def forbidden(msg: str) -> MatrixError:
 
 def unavailable(msg: str, retry_after: float) -> MatrixError:
     return MatrixError(503, "M_UNKNOWN", msg, retry_after=retry_after)
+
+
+def limit_exceeded(retry_after: float) -> MatrixError:
+    """Too many requests for the process that would take this one."""
+    return MatrixError(
+        429, "M_LIMIT_EXCEEDED", "Too many requests", retry_after=retry_after
+    )
 
 
 def too_large(limit: int) -> MatrixError:
@@ -87,6 +98,6 @@ def write_error(request: Request, error: MatrixError) -> None:
     for name, value in CORS_HEADERS:
         headers.setRawHeaders(name, [value])
     if error.retry_after is not None:
-        headers.setRawHeaders(b"Retry-After", [b"%d" % round(error.retry_after)])
+        headers.setRawHeaders(b"Retry-After", [b"%d" % math.ceil(error.retry_after)])
     if request.method != b"HEAD":
         request.write(body)

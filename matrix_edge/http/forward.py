@@ -7,9 +7,10 @@ pausing the other when it cannot keep up.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -27,6 +28,8 @@ from matrix_edge.http.upstream import (
     is_local_shortage,
 )
 from matrix_edge.http.upstream_protocol import HeaderList
+from matrix_edge.pools.dispatch import Placed, refused_error
+from matrix_edge.pools.pool import Lease
 
 if TYPE_CHECKING:
     from matrix_edge.http.site import EdgeRequest
@@ -43,16 +46,28 @@ class Forwarding:
     response headers, ``upstream_response`` bounds Synapse's answer.
     """
 
+    # Processes tried in turn for one request when each refuses the
+    # connection: nothing was sent, so another may take it.
+    MAX_PLACEMENTS = 3
+
     def __init__(
         self,
         request: EdgeRequest,
-        upstream: Upstream,
+        placed: Lease | Deferred[Lease],
         clock: IReactorTime,
         timeouts: TimeoutsConfig,
         max_body_size: int,
+        replace: Callable[[Collection[Upstream]], Placed] | None = None,
     ):
         self._request = request
-        self._upstream = upstream
+        self._placed = placed
+        self._replace = replace
+        self._refused: list[Upstream] = []
+        self._lease: Lease | None = None
+        self._upstream: Upstream | None = None
+        self._waiting: Deferred[Lease] | None = None
+        self._headers: HeaderList = []
+        self._pool: str | None = None
         self._clock = clock
         self._timeouts = timeouts
         self._max_body_size = max_body_size
@@ -81,10 +96,67 @@ class Forwarding:
             self._body = RequestBody(length, reading)
             self._arm_idle_timer()
         self._started_at = self._clock.seconds()
+        self._headers = headers
         request.notifyFinish().addErrback(self._client_gone)
-        self._exchange = self._upstream.request(
-            request.method, request.uri, headers, self._body, self
+        self._place(self._placed)
+
+    @property
+    def upstream(self) -> Upstream | None:
+        """The process the request went to, once chosen."""
+        return self._upstream
+
+    @property
+    def pool(self) -> str | None:
+        """The pool of that process."""
+        return self._pool
+
+    def _place(self, placed: Placed) -> None:
+        if isinstance(placed, Lease):
+            self._send(placed)
+        elif isinstance(placed, Deferred):
+            self._waiting = placed
+            placed.addCallbacks(self._placed_later, self._not_placed)
+        else:
+            self._refuse(placed)
+
+    def _placed_later(self, lease: Lease) -> None:
+        self._waiting = None
+        request = self._request
+        if request.finished or request.is_disconnected:
+            lease.release()
+            return
+        self._send(lease)
+
+    def _not_placed(self, failure: Failure) -> None:
+        self._waiting = None
+        error = refused_error(failure, retry_after=1.0)
+        if error is not None:
+            self._refuse(error)
+        elif not failure.check(CancelledError):
+            log.failure(
+                "Placing {target} failed", failure, target=self._request.log_target
+            )
+            self._refuse(errors.bad_gateway())
+
+    def _refuse(self, error: errors.MatrixError) -> None:
+        request = self._request
+        self._stop_idle_timer()
+        if not (request.finished or request.is_disconnected):
+            request.answer_early(error)
+
+    def _send(self, lease: Lease) -> None:
+        self._lease = lease
+        self._pool = lease.pool
+        upstream = self._upstream = lease.upstream
+        request = self._request
+        self._exchange = upstream.request(
+            request.method, request.uri, self._headers, self._body, self
         )
+
+    def _release(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
 
     def body_chunk(self, data: bytes) -> None:
         self._body_size += len(data)
@@ -99,7 +171,8 @@ class Forwarding:
     def body_complete(self) -> None:
         if self._body is not None:
             self._body.finish()
-        if not self._responding and self._exchange is not None:
+        pending = self._exchange is not None or self._waiting is not None
+        if pending and not self._responding and self._response_timer is None:
             self._stop_idle_timer()
             self._arm_response_timer()
 
@@ -111,6 +184,7 @@ class Forwarding:
         self._responding = True
         self._cancel(self._response_timer)
         self.upstream_seconds = self._clock.seconds() - self._started_at
+        assert self._upstream is not None
         self._upstream.mark(True)
         request = self._request
         if request.finished or request.is_disconnected:
@@ -139,6 +213,7 @@ class Forwarding:
 
     def response_end(self, complete: bool, reason: str) -> None:
         self._exchange = None
+        self._release()
         self._stop_idle_timer()
         request = self._request
         if request.is_disconnected:
@@ -152,7 +227,7 @@ class Forwarding:
             log.warn(
                 "Upstream {upstream} broke off the response to {method} "
                 "{target}: {reason}",
-                upstream=str(self._upstream.address),
+                upstream=str(self._upstream.address if self._upstream else "-"),
                 method=request.log_method,
                 target=request.log_target,
                 reason=reason,
@@ -161,18 +236,40 @@ class Forwarding:
 
     def upstream_failed(self, reason: Failure, timed_out: bool = False) -> None:
         self._exchange = None
-        self._cancel(self._response_timer)
-        self._stop_idle_timer()
+        self._release()
+        upstream = self._upstream
+        where = str(upstream.address) if upstream is not None else "(none chosen)"
         request = self._request
         if request.finished or request.is_disconnected:
+            self._cancel(self._response_timer)
+            self._stop_idle_timer()
             return
-        if reason.check(ConnectError) and not is_local_shortage(reason):
+        if (
+            upstream is not None
+            and reason.check(ConnectError)
+            and not is_local_shortage(reason)
+        ):
             # Passive detection: the active check confirms recovery.
-            self._upstream.mark(False, describe_failure(reason))
+            upstream.mark(False, describe_failure(reason))
+            if self._replace is not None and not timed_out:
+                self._refused.append(upstream)
+                if len(self._refused) < self.MAX_PLACEMENTS:
+                    log.info(
+                        "{upstream} refused {method} {target} ({reason}); "
+                        "placing it again",
+                        upstream=str(upstream.address),
+                        method=request.log_method,
+                        target=request.log_target,
+                        reason=describe_failure(reason),
+                    )
+                    self._place(self._replace(self._refused))
+                    return
+        self._cancel(self._response_timer)
+        self._stop_idle_timer()
         if timed_out or reason.check(ConnectTimeoutError):
             log.warn(
                 "Upstream {upstream} timed out for {method} {target}",
-                upstream=str(self._upstream.address),
+                upstream=where,
                 method=request.log_method,
                 target=request.log_target,
             )
@@ -180,7 +277,7 @@ class Forwarding:
         else:
             log.warn(
                 "Upstream {upstream} failed for {method} {target}: {reason}",
-                upstream=str(self._upstream.address),
+                upstream=where,
                 method=request.log_method,
                 target=request.log_target,
                 reason=describe_failure(reason),
@@ -199,6 +296,10 @@ class Forwarding:
     def _abandon_upstream(self) -> None:
         self._cancel(self._response_timer)
         self._stop_idle_timer()
+        self._release()
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.cancel()
         if self._exchange is not None:
             exchange, self._exchange = self._exchange, None
             # Closing the connection lets Synapse cancel the request.
@@ -206,14 +307,15 @@ class Forwarding:
 
     def _arm_response_timer(self) -> None:
         # Armed once, when the request is complete (body_complete).
-        assert self._response_timer is None
         self._response_timer = self._clock.callLater(
             self._timeouts.upstream_response, self._response_timed_out
         )
 
     def _response_timed_out(self) -> None:
         self._response_timer = None
-        if self._exchange is not None and not self._responding:
+        if not self._responding and (
+            self._exchange is not None or self._waiting is not None
+        ):
             self._abandon_upstream()
             self.upstream_failed(Failure(CancelledError()), timed_out=True)
 

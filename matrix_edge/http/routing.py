@@ -6,8 +6,10 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+from collections.abc import Callable, Collection
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 
 from matrix_edge.config.edge import EdgeConfig
@@ -17,6 +19,8 @@ from matrix_edge.http import errors
 from matrix_edge.http.errors import MatrixError
 from matrix_edge.http.target import check_target, path_has_prefix
 from matrix_edge.http.upstream import Upstream
+from matrix_edge.pools.dispatch import Dispatcher, Placed, RequestFacts
+from matrix_edge.pools.pool import Lease
 
 # What each kind of listener forwards to Synapse, as in Synapse's
 # reverse-proxy documentation.
@@ -52,8 +56,14 @@ LOCAL = Local.LOCAL
 
 @attrs.frozen
 class Forward:
-    upstream: Upstream
+    placed: Lease | Deferred[Lease]
+    """The process that takes the request, or one to come (a user to look
+    up, a slot to wait for)."""
+
     body_limit: int
+    replace: Callable[[Collection[Upstream]], Placed] | None = None
+    """Places the request again, away from processes that refused the
+    connection; None where there is no other choice."""
 
 
 Decision = Local | Forward | MatrixError
@@ -77,12 +87,14 @@ class Router:
         upstream: Upstream,
         fallback: Upstream | None,
         local_paths: frozenset[bytes],
+        dispatcher: Dispatcher | None = None,
     ):
         self._listener = listener
         self._config = config
         self._live = live
-        self._upstream = upstream
-        self._fallback = fallback
+        self._upstream = Lease(upstream, "main")
+        self._fallback = Lease(fallback, "fallback") if fallback else None
+        self._dispatcher = dispatcher
         self._local_paths = local_paths
         self._prefixes = FORWARDED_PREFIXES[listener.type]
 
@@ -114,14 +126,13 @@ class Router:
                 return errors.not_found()
             if not _allowed(client_ip, self._listener):
                 return errors.forbidden("The admin API is not available from here")
-            return self._to_synapse(path, length)
-        if any(path_has_prefix(path, prefix) for prefix in self._prefixes):
-            return self._to_synapse(path, length)
-        if self._fallback is not None and not path_has_prefix(path, b"/_synapse"):
-            return self._forward(self._fallback, self._config.max_request_size, length)
-        return errors.not_found()
+        elif not any(path_has_prefix(path, prefix) for prefix in self._prefixes):
+            if self._fallback is not None and not path_has_prefix(path, b"/_synapse"):
+                return self._forward(
+                    self._fallback, self._config.max_request_size, length
+                )
+            return errors.not_found()
 
-    def _to_synapse(self, path: bytes, length: int | None) -> Decision:
         maintenance = self._live.maintenance
         if maintenance.enabled:
             return errors.unavailable(maintenance.message, maintenance.retry_after)
@@ -130,14 +141,42 @@ class Router:
             if _MEDIA_UPLOAD.match(path)
             else self._config.max_request_size
         )
-        return self._forward(self._upstream, limit, length)
-
-    def _forward(self, upstream: Upstream, limit: int, length: int | None) -> Decision:
         if length is not None and length > limit:
             return errors.too_large(limit)
-        if upstream.known_down and self._config.upstream_check.fail_fast:
+        if self._dispatcher is None:
+            return self._forward(self._upstream, limit, length)
+        return self._to_worker(method, target, path, headers, client_ip, limit)
+
+    def _to_worker(
+        self,
+        method: bytes,
+        target: bytes,
+        path: bytes,
+        headers: Headers,
+        client_ip: str,
+        limit: int,
+    ) -> Decision:
+        assert self._dispatcher is not None
+        dispatcher = self._dispatcher
+        query = target[len(path) + 1 :]
+        facts = RequestFacts(method, target, path, query, headers, client_ip)
+        placed = dispatcher.place(facts)
+        if isinstance(placed, MatrixError):
+            return placed
+        if isinstance(placed, Lease) and placed.upstream is dispatcher.main:
+            return self._forward(placed, limit, None)
+
+        def replace(exclude: Collection[Upstream]) -> Placed:
+            return dispatcher.place(facts, exclude)
+
+        return Forward(placed, limit, replace)
+
+    def _forward(self, lease: Lease, limit: int, length: int | None) -> Decision:
+        if length is not None and length > limit:
+            return errors.too_large(limit)
+        if lease.upstream.known_down and self._config.upstream_check.fail_fast:
             return errors.bad_gateway()
-        return Forward(upstream, limit)
+        return Forward(lease, limit)
 
 
 def _allowed(client_ip: str, listener: ListenerConfig) -> bool:

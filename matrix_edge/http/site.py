@@ -34,6 +34,7 @@ from matrix_edge.http.transport import (
     transport_of,
 )
 from matrix_edge.http.upstream import Upstream
+from matrix_edge.pools.dispatch import Dispatcher
 from matrix_edge.resources.health import HealthResource
 from matrix_edge.resources.ready import ReadyResource
 from matrix_edge.resources.well_known import WellKnownResource
@@ -46,12 +47,15 @@ LINGER_SECONDS = 5.0
 
 
 def local_resources(
-    listener: ListenerConfig, config: EdgeConfig, upstreams: dict[str, Upstream]
+    listener: ListenerConfig,
+    config: EdgeConfig,
+    upstreams: dict[str, Upstream],
+    dispatcher: Dispatcher | None = None,
 ) -> dict[bytes, IResource]:
     """The paths a listener answers itself, by exact raw path."""
     local: dict[bytes, IResource] = {
         b"/health": HealthResource(),
-        b"/ready": ReadyResource(upstreams),
+        b"/ready": ReadyResource(upstreams, dispatcher),
     }
     if listener.type is ListenerType.CLIENT:
         documents = {
@@ -211,6 +215,18 @@ class EdgeRequest(Request):
         """Time until Synapse's response headers, for forwarded requests."""
         return self._forwarding.upstream_seconds if self._forwarding else None
 
+    @property
+    def worker(self) -> tuple[str, str] | None:
+        """The pool and Synapse process a forwarded request went to, when
+        the deployment has worker pools."""
+        forwarding = self._forwarding
+        if forwarding is None or forwarding.upstream is None:
+            return None
+        pool = forwarding.pool
+        if pool is None or (pool == "main" and not self.site.has_workers):
+            return None
+        return pool, str(forwarding.upstream.address)
+
     def elapsed_seconds(self) -> float:
         return self.site.clock.seconds() - self._started
 
@@ -325,20 +341,28 @@ class EdgeSite(Site):
         live: LiveSettings | None = None,
         fallback: Upstream | None = None,
         access_log_file: AccessLogFile | None = None,
+        dispatcher: Dispatcher | None = None,
     ):
         super().__init__(Resource(), timeout=config.timeouts.client_idle, reactor=clock)
         upstreams = {"synapse": upstream}
         if fallback is not None:
             upstreams["fallback"] = fallback
-        self._local = local_resources(listener, config, upstreams)
+        self._local = local_resources(listener, config, upstreams, dispatcher)
         self.listener = listener
         self.config = config
         self.request_id_header = config.request_id_header.encode("ascii")
         self.upstream = upstream
         self.clock = clock
         self.live = live or LiveSettings(config.maintenance)
+        self.has_workers = dispatcher is not None
         self.router = Router(
-            listener, config, self.live, upstream, fallback, frozenset(self._local)
+            listener,
+            config,
+            self.live,
+            upstream,
+            fallback,
+            frozenset(self._local),
+            dispatcher,
         )
         self.access_log = AccessLog(listener.tag, config.access_log, access_log_file)
 
@@ -350,10 +374,11 @@ class EdgeSite(Site):
     def forwarding_for(self, request: EdgeRequest, route: Forward) -> Forwarding:
         return Forwarding(
             request,
-            route.upstream,
+            route.placed,
             self.clock,
             self.config.timeouts,
             route.body_limit,
+            route.replace,
         )
 
     def log(self, request: Request) -> None:  # type: ignore[override]

@@ -1,0 +1,189 @@
+"""Choosing the Synapse process for a request: the route, then the pool
+with a healthy member, then the member by the route's policy."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from matrix_edge.config.routes import MAIN, Policy, Route
+from matrix_edge.http import errors
+from matrix_edge.http.errors import MatrixError
+from matrix_edge.http.upstream import Upstream
+from matrix_edge.pools import hashing
+from matrix_edge.pools.keys import access_token, room_key, xmatrix_origin
+from matrix_edge.pools.pool import Lease, Member, PoolFull, WorkerPool
+from matrix_edge.pools.table import RouteTable
+from matrix_edge.pools.whoami import WhoamiCache, token_digest
+
+Placed = Lease | Deferred[Lease] | MatrixError
+
+
+@attrs.frozen
+class RequestFacts:
+    """What the policies may look at, all raw."""
+
+    method: bytes
+    target: bytes
+    path: bytes
+    query: bytes
+    headers: Headers
+    client_ip: str
+
+
+@attrs.frozen
+class Choice:
+    """Where a request goes and why, for the dry run and the access log."""
+
+    route: Route | None
+    pool: str
+    policy: Policy | None
+    key: bytes | None
+    member: Member | None
+    fell_back: bool = False
+
+
+class Dispatcher:
+    """The routing table of a deployment and its pools."""
+
+    def __init__(
+        self,
+        table: RouteTable,
+        pools: Mapping[str, WorkerPool],
+        main: Upstream,
+        whoami: WhoamiCache | None,
+    ):
+        self.table = table
+        self.pools = pools
+        self.main = main
+        self._whoami = whoami
+        self._main_lease = Lease(main, MAIN)
+
+    def place(self, facts: RequestFacts, exclude: Collection[Upstream] = ()) -> Placed:
+        """A lease on the process for this request, one to come, or the
+        error to answer with (no process available, pool full)."""
+        route = self.table.match(facts.method, facts.path, facts.query)
+        if route is None:
+            return self._main_lease
+        pool, policy = self._pool_for(route, exclude)
+        if pool is None:
+            if route.fallback:
+                return self._main_lease
+            return errors.unavailable(
+                "No server is available for this request at the moment", 5
+            )
+        members = pool.available(exclude)
+        key = self._key(policy, facts)
+        if isinstance(key, Deferred):
+            d = key.addCallback(lambda k: self._lease(pool, policy, k, members))
+            return d.addCallback(_raise_errors)
+        return self._lease(pool, policy, key, members)
+
+    def explain(self, facts: RequestFacts, user: bytes | None = None) -> Choice:
+        """Where ``facts`` would go now, without leasing anything; the user
+        of a token is ``user``, as whoami would say."""
+        route = self.table.match(facts.method, facts.path, facts.query)
+        if route is None:
+            return Choice(None, MAIN, None, None, None)
+        pool, policy = self._pool_for(route, ())
+        if pool is None:
+            return Choice(route, MAIN, None, None, None, fell_back=True)
+        members = pool.available()
+        key = user if policy is Policy.USER and user else self._key(policy, facts)
+        if isinstance(key, Deferred):
+            key = None
+        return Choice(route, pool.name, policy, key, _pick(pool, policy, key, members))
+
+    def _pool_for(
+        self, route: Route, exclude: Collection[Upstream]
+    ) -> tuple[WorkerPool | None, Policy]:
+        for name in route.pools:
+            if name == MAIN:
+                return None, route.policy
+            pool = self.pools[name]
+            if pool.available(exclude):
+                balance = pool.config.balance
+                if balance is None or route.sticky:
+                    return pool, route.policy
+                return pool, balance
+        return None, route.policy
+
+    def _key(
+        self, policy: Policy, facts: RequestFacts
+    ) -> bytes | Deferred[bytes] | None:
+        if policy is Policy.USER:
+            return self._user_key(facts)
+        if policy is Policy.ROOM:
+            return room_key(facts.path) or facts.target
+        if policy is Policy.ORIGIN:
+            return (
+                xmatrix_origin(facts.headers.getRawHeaders(b"authorization"))
+                or facts.client_ip.encode()
+            )
+        if policy is Policy.URI:
+            return facts.target
+        if policy is Policy.SOURCE_IP:
+            return facts.client_ip.encode()
+        return None
+
+    def _user_key(self, facts: RequestFacts) -> bytes | Deferred[bytes]:
+        token = access_token(facts.headers, facts.query)
+        if token is None:
+            return facts.client_ip.encode()
+        digest = token_digest(token)
+        if self._whoami is None:
+            return digest
+        known, user = self._whoami.cached(digest)
+        if known:
+            return user or digest
+        d = self._whoami.lookup(token, digest, facts.client_ip.encode())
+        return d.addCallback(lambda user: user or digest)
+
+    def _lease(
+        self,
+        pool: WorkerPool,
+        policy: Policy,
+        key: bytes | None,
+        members: list[Member],
+    ) -> Placed:
+        lease = _pick(pool, policy, key, members).lease()
+        if lease is None:
+            return errors.limit_exceeded(pool.config.queue_timeout)
+        return lease
+
+
+def _pick(
+    pool: WorkerPool, policy: Policy, key: bytes | None, members: list[Member]
+) -> Member:
+    if len(members) == 1 or policy is Policy.SINGLE:
+        return members[0]
+    if key is None:
+        return pool.next_round_robin(members)
+    return hashing.choose(key, [(m.name, m) for m in members])
+
+
+class Refused(Exception):
+    """A placement decided after the headers: answer ``error``."""
+
+    def __init__(self, error: MatrixError):
+        super().__init__(error.msg)
+        self.error = error
+
+
+def _raise_errors(placed: Placed) -> Lease | Deferred[Lease]:
+    if isinstance(placed, MatrixError):
+        raise Refused(placed)
+    return placed
+
+
+def refused_error(failure: Failure, retry_after: float) -> MatrixError | None:
+    """The answer for a placement that failed; None if it was cancelled."""
+    if failure.check(Refused):
+        return failure.value.error  # type: ignore[union-attr]
+    if failure.check(PoolFull):
+        return errors.limit_exceeded(retry_after)
+    return None

@@ -1,0 +1,144 @@
+"""A pool of Synapse worker processes of one role: which members are
+healthy, and how many requests each may have in flight."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Collection, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from matrix_edge.config.workers import PoolConfig
+from matrix_edge.http.upstream import Upstream
+
+
+class PoolFull(Exception):
+    """Every slot is taken and the queue is full, or the wait was too long."""
+
+
+class Lease:
+    """The right to send one request to ``upstream``; released when the
+    exchange is over, so the next request may take the slot."""
+
+    __slots__ = ("_member", "pool", "upstream")
+
+    def __init__(
+        self, upstream: Upstream, pool: str, member: Member | None = None
+    ) -> None:
+        self.upstream = upstream
+        self.pool = pool
+        self._member = member
+
+    def release(self) -> None:
+        member, self._member = self._member, None
+        if member is not None:
+            member.release()
+
+
+class Member:
+    """One worker process of a pool."""
+
+    def __init__(self, pool: WorkerPool, upstream: Upstream):
+        self.pool = pool
+        self.upstream = upstream
+        self.name = str(upstream.address).encode("utf-8")
+        """What rendezvous hashing scores: the configured address."""
+
+        self.in_flight = 0
+        self.waiting: deque[_Waiter] = deque()
+        self._free_lease = Lease(upstream, pool.name)
+
+    @property
+    def available(self) -> bool:
+        return not self.upstream.known_down
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            self.pool.queued -= 1
+            if waiter.take():
+                self.in_flight += 1
+                waiter.deferred.callback(Lease(self.upstream, self.pool.name, self))
+                return
+
+    def lease(self) -> Lease | Deferred[Lease] | None:
+        """A lease now, one once a slot frees up, or None when the pool can
+        queue no more requests."""
+        limit = self.pool.config.max_concurrent
+        if not limit:
+            return self._free_lease
+        if self.in_flight < limit:
+            self.in_flight += 1
+            return Lease(self.upstream, self.pool.name, self)
+        return self.pool.enqueue(self)
+
+
+class _Waiter:
+    def __init__(self, member: Member, timer: IDelayedCall | None):
+        self.member = member
+        self.timer = timer
+        self.deferred: Deferred[Lease] = Deferred(self._cancel)
+        self.done = False
+
+    def take(self) -> bool:
+        if self.done:
+            return False
+        self.done = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        return True
+
+    def expire(self) -> None:
+        if self.take():
+            self._leave()
+            self.deferred.errback(PoolFull())
+
+    def _cancel(self, d: Deferred[Lease]) -> None:
+        if self.take():
+            self._leave()
+
+    def _leave(self) -> None:
+        try:
+            self.member.waiting.remove(self)
+        except ValueError:
+            return
+        self.member.pool.queued -= 1
+
+
+class WorkerPool:
+    """The members of one pool, in configured order."""
+
+    def __init__(
+        self,
+        name: str,
+        config: PoolConfig,
+        upstreams: Sequence[Upstream],
+        clock: IReactorTime,
+    ):
+        self.name = name
+        self.config = config
+        self.members = [Member(self, upstream) for upstream in upstreams]
+        self.queued = 0
+        self._clock = clock
+        self._next = 0
+
+    def available(self, exclude: Collection[Upstream] = ()) -> list[Member]:
+        """The members not known to be down, nor excluded."""
+        return [m for m in self.members if m.available and m.upstream not in exclude]
+
+    def next_round_robin(self, members: Sequence[Member]) -> Member:
+        self._next = (self._next + 1) % (1 << 30)
+        return members[self._next % len(members)]
+
+    def enqueue(self, member: Member) -> Deferred[Lease] | None:
+        if self.queued >= self.config.queue:
+            return None
+        timer = None
+        waiter = _Waiter(member, None)
+        timer = self._clock.callLater(self.config.queue_timeout, waiter.expire)
+        waiter.timer = timer
+        member.waiting.append(waiter)
+        self.queued += 1
+        return waiter.deferred

@@ -1,0 +1,107 @@
+"""The routing table: which pool each request goes to, first match wins.
+
+The shipped table (``synapse_routes.yaml``) holds the patterns of Synapse's
+``docs/workers.md`` for one release, as data; the config may replace its
+routes by name or add routes before it. Patterns run on the raw path, so
+an escaped room ID routes like the one Synapse will see.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Collection, Sequence
+from importlib import resources
+from urllib.parse import unquote_to_bytes
+
+import attrs
+import yaml
+
+from matrix_edge.config._base import read_mapping, read_sequence, read_str
+from matrix_edge.config.routes import MAIN, Route, parse_route
+
+SHIPPED_TABLE = "synapse_routes.yaml"
+
+
+@attrs.frozen
+class RouteTable:
+    routes: tuple[Route, ...]
+    synapse_release: str
+    _combined: tuple[re.Pattern[bytes], ...] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        # One search per route rather than one per pattern.
+        combined = tuple(
+            re.compile(b"|".join(b"(?:%s)" % p.pattern for p in route.patterns))
+            for route in self.routes
+        )
+        object.__setattr__(self, "_combined", combined)
+
+    def match(self, method: bytes, path: bytes, query: bytes) -> Route | None:
+        """The first route for this request, or None for main.
+
+        ``path`` and ``query`` are the raw parts of the request target.
+        """
+        params: dict[bytes, bytes] | None = None
+        for route, pattern in zip(self.routes, self._combined, strict=True):
+            if route.methods is not None and method not in route.methods:
+                continue
+            if pattern.search(path) is None:
+                continue
+            if route.query:
+                if params is None:
+                    params = parse_query(query)
+                if not all(params.get(k) == v for k, v in route.query):
+                    continue
+            return route
+        return None
+
+
+def parse_query(query: bytes) -> dict[bytes, bytes]:
+    """The first value of each parameter of a raw query string, decoded."""
+    params: dict[bytes, bytes] = {}
+    for part in query.split(b"&"):
+        if not part:
+            continue
+        name, _, value = part.partition(b"=")
+        name = unquote_to_bytes(name.replace(b"+", b" "))
+        params.setdefault(name, unquote_to_bytes(value.replace(b"+", b" ")))
+    return params
+
+
+@functools.cache
+def shipped_table() -> RouteTable:
+    """The table that ships with matrix-edge, every route of it."""
+    text = resources.files(__package__).joinpath(SHIPPED_TABLE).read_text("utf-8")
+    data = read_mapping(
+        yaml.safe_load(text), (SHIPPED_TABLE,), ("synapse_release", "routes")
+    )
+    release = read_str(data.get("synapse_release"), (SHIPPED_TABLE, "synapse_release"))
+    routes = tuple(
+        parse_route(entry, (SHIPPED_TABLE, "routes", i))
+        for i, entry in enumerate(
+            read_sequence(data.get("routes"), (SHIPPED_TABLE, "routes"))
+        )
+    )
+    return RouteTable(routes, release)
+
+
+def effective_table(
+    shipped: RouteTable, extra: Sequence[Route], pools: Collection[str]
+) -> RouteTable:
+    """The table a deployment runs: ``extra`` routes replace shipped ones of
+    the same name, or come first; shipped routes to pools that are not
+    configured are left out, and so are such pools from a route's list."""
+    replacements = {route.name: route for route in extra}
+    added = [route for route in extra if route.name not in shipped_names(shipped)]
+    merged = added + [replacements.get(r.name, r) for r in shipped.routes]
+    routes = []
+    for route in merged:
+        configured = tuple(p for p in route.pools if p == MAIN or p in pools)
+        if configured:
+            routes.append(attrs.evolve(route, pools=configured))
+    return RouteTable(tuple(routes), shipped.synapse_release)
+
+
+def shipped_names(table: RouteTable) -> frozenset[str]:
+    return frozenset(route.name for route in table.routes)
