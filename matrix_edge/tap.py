@@ -1,8 +1,14 @@
-"""twistd's view of matrix-edge: its command-line options and makeService."""
+"""twistd's view of matrix-edge: its command-line options and makeService.
+
+Besides serving, ``twistd matrix-edge`` has commands for operators that
+print and exit: ``route`` and ``routes`` (the worker routing dry run) and
+``migrate-workers``.
+"""
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -17,8 +23,46 @@ def config_error_message(filename: str, error: ConfigError) -> str:
     return f"matrix-edge: configuration error in {filename}: {error}"
 
 
+class RouteOptions(usage.Options):
+    synopsis = "[--user @alice:example.org | --token T | --origin NAME] METHOD URL"
+    longdesc = (
+        "Print the route, pool, policy and worker a request would go to, "
+        "with every worker up. URL is the request target as a client sends "
+        "it, e.g. '/_matrix/client/v3/sync?since=s1'. --token asks main's "
+        "/account/whoami for the user, as the edge would."
+    )
+    optParameters = [
+        ["user", None, None, "The user behind the access token."],
+        ["token", None, None, "An access token (never printed)."],
+        ["origin", None, None, "The X-Matrix origin of a federation request."],
+        ["client-ip", None, "192.0.2.1", "The client's address."],
+    ]
+
+    def parseArgs(self, method: str, url: str) -> None:  # type: ignore[override]
+        self["method"] = method
+        self["url"] = url
+
+
+class RoutesOptions(usage.Options):
+    synopsis = ""
+    longdesc = "Print the effective worker routing table and the pools."
+
+
+class MigrateOptions(usage.Options):
+    synopsis = "HOMESERVER_YAML [WORKER_YAML ...]"
+    longdesc = (
+        "Print the matrix-edge `upstream` and `workers` configuration for an "
+        "existing Synapse worker deployment: homeserver.yaml first, then "
+        "every worker's config file."
+    )
+
+    def parseArgs(self, homeserver: str, *workers: str) -> None:  # type: ignore[override]
+        self["homeserver"] = homeserver
+        self["workers"] = workers
+
+
 class Options(usage.Options):
-    synopsis = "[options]"
+    synopsis = "[options] [route METHOD URL | routes | migrate-workers FILES]"
     longdesc = (
         "matrix-edge: a reverse proxy for Synapse that forwards Matrix "
         "traffic byte for byte. Reloads certificates on SIGHUP."
@@ -38,6 +82,16 @@ class Options(usage.Options):
             "Print a commented configuration with every default and exit.",
         ],
     ]
+    subCommands = [
+        ["route", None, RouteOptions, "Where a request would go, and exit."],
+        ["routes", None, RoutesOptions, "Print the routing table and exit."],
+        [
+            "migrate-workers",
+            None,
+            MigrateOptions,
+            "Print the pools of a Synapse worker deployment and exit.",
+        ],
+    ]
 
     edge_config: EdgeConfig
 
@@ -45,6 +99,8 @@ class Options(usage.Options):
         if self["generate-config"]:
             sys.stdout.write(default_config_text())
             raise SystemExit(0)
+        if self.subCommand == "migrate-workers":
+            _migrate(self.subOptions)
         try:
             self.edge_config = load_config(self["config"])
             if self["check-config"]:
@@ -57,6 +113,76 @@ class Options(usage.Options):
         if self["check-config"]:
             print(f"{self['config']}: configuration OK")
             raise SystemExit(0)
+        if self.subCommand in ("route", "routes"):
+            _dry_run(self.edge_config, self.subCommand, self.subOptions)
+
+
+def _migrate(options: Any) -> None:
+    from matrix_edge.pools.migrate import MigrationError, migrate_workers
+
+    try:
+        text = migrate_workers(options["homeserver"], options["workers"])
+    except MigrationError as e:
+        raise SystemExit(f"matrix-edge: {e}") from None
+    sys.stdout.write(text)
+    raise SystemExit(0)
+
+
+def _dry_run(config: EdgeConfig, command: str, options: Any) -> None:
+    from twisted.internet import reactor
+
+    from matrix_edge.http.upstream import Upstream
+    from matrix_edge.pools.explain import describe_table, explain_route, lookup_user
+    from matrix_edge.service import make_dispatcher
+
+    upstreams: dict[Any, Upstream] = {}
+
+    def upstream_for(address: Any) -> Upstream:
+        if address not in upstreams:
+            upstreams[address] = Upstream(
+                reactor, address, config.upstream_pool, config.timeouts
+            )
+        return upstreams[address]
+
+    dispatcher = make_dispatcher(
+        config, reactor, upstream_for(config.upstream), upstream_for
+    )
+    if command == "routes":
+        sys.stdout.write(describe_table(dispatcher, config))
+        raise SystemExit(0)
+    user = options["user"]
+    if options["token"] is not None and user is None:
+        found = _run(reactor, lambda: lookup_user(dispatcher, options["token"]))
+        if found:
+            user = found.decode()
+        else:
+            print("whoami did not name a user: balancing by the token itself")
+    sys.stdout.write(
+        explain_route(
+            dispatcher,
+            options["method"],
+            options["url"],
+            user=user,
+            token=options["token"],
+            origin=options["origin"],
+            client_ip=options["client-ip"],
+        )
+    )
+    raise SystemExit(0)
+
+
+def _run(reactor: Any, start: Any) -> Any:
+    """Run the reactor until the Deferred ``start()`` gives fires."""
+    results: list[Any] = []
+
+    def go() -> None:
+        d = start()
+        d.addBoth(results.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(go)
+    reactor.run(installSignalHandlers=False)
+    return results[0] if results and not hasattr(results[0], "trap") else None
 
 
 def makeService(options: Options) -> IService:

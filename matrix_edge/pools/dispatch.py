@@ -60,7 +60,7 @@ class Dispatcher:
         self.table = table
         self.pools = pools
         self.main = main
-        self._whoami = whoami
+        self.whoami = whoami
         self._main_lease = Lease(main, MAIN)
 
     def place(self, facts: RequestFacts, exclude: Collection[Upstream] = ()) -> Placed:
@@ -93,9 +93,13 @@ class Dispatcher:
         if pool is None:
             return Choice(route, MAIN, None, None, None, fell_back=True)
         members = pool.available()
-        key = user if policy is Policy.USER and user else self._key(policy, facts)
-        if isinstance(key, Deferred):
-            key = None
+        key: bytes | Deferred[bytes] | None
+        if policy is Policy.USER:
+            token = access_token(facts.headers, facts.query)
+            key = user or (token_digest(token) if token else facts.client_ip.encode())
+        else:
+            key = self._key(policy, facts)
+        assert not isinstance(key, Deferred)
         return Choice(route, pool.name, policy, key, _pick(pool, policy, key, members))
 
     def _pool_for(
@@ -135,12 +139,12 @@ class Dispatcher:
         if token is None:
             return facts.client_ip.encode()
         digest = token_digest(token)
-        if self._whoami is None:
+        if self.whoami is None:
             return digest
-        known, user = self._whoami.cached(digest)
+        known, user = self.whoami.cached(digest)
         if known:
             return user or digest
-        d = self._whoami.lookup(token, digest, facts.client_ip.encode())
+        d = self.whoami.lookup(token, digest, facts.client_ip.encode())
         return d.addCallback(lambda user: user or digest)
 
     def _lease(
