@@ -60,7 +60,8 @@ class Route:
     """None: any method."""
 
     query: tuple[tuple[bytes, bytes | None], ...] = ()
-    """Parameters that must be absent (None) or have exactly this value."""
+    """Parameters that must be absent or empty (None), or have exactly this
+    value."""
 
     sticky: bool = False
     """The policy is needed for correctness, not just efficiency: a pool's

@@ -51,10 +51,18 @@ class RouteTable:
             if route.query:
                 if params is None:
                     params = parse_query(query)
-                if not all(params.get(k) == v for k, v in route.query):
+                if not all(_holds(params.get(k), v) for k, v in route.query):
                     continue
             return route
         return None
+
+
+def _holds(value: bytes | None, expected: bytes | None) -> bool:
+    # An empty value counts as absent, as in the nginx map of workers.md
+    # (``map $arg_since $sync { '' synapse_initial_sync; }``).
+    if expected is None:
+        return not value
+    return value == expected
 
 
 def parse_query(query: bytes) -> dict[bytes, bytes]:
