@@ -337,12 +337,12 @@ def make_dispatcher(
     """The worker pools of ``config`` and the table that routes to them;
     every member is an upstream of its own, checked like main."""
     workers = config.workers
-    pools = {
-        name: WorkerPool(
-            name, pool, [upstream_for(address) for address in pool.addresses], reactor
-        )
-        for name, pool in workers.pools.items()
-    }
+    pools = {}
+    for name, pool in workers.pools.items():
+        members = [upstream_for(address) for address in pool.addresses]
+        for member in members:
+            member.pool = name
+        pools[name] = WorkerPool(name, pool, members, reactor)
     table = effective_table(shipped_table(), workers.routes, pools)
     whoami = WhoamiCache(reactor, main, workers.whoami_cache)
     return Dispatcher(table, pools, main, whoami)

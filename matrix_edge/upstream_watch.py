@@ -116,6 +116,22 @@ class UpstreamWatch(Service):
                     address=address,
                     reason=reason,
                 )
+        elif self._upstream.pool is not None:
+            if healthy:
+                log.info(
+                    "Synapse worker {address} ({pool}) answers",
+                    address=address,
+                    pool=self._upstream.pool,
+                )
+            else:
+                log.warn(
+                    "Synapse worker {address} ({pool}) does not answer "
+                    "({reason}); its requests go to the rest of its pool, or "
+                    "to main where Synapse allows.",
+                    address=address,
+                    pool=self._upstream.pool,
+                    reason=reason,
+                )
         elif healthy:
             log.info("Synapse answers at {address}", address=address)
         else:

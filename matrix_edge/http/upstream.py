@@ -66,6 +66,8 @@ class Upstream:
         self.watched = False
         """Whether active checks run, and so will notice a recovery."""
         self.on_state_change: list[Callable[[bool, str], None]] = []
+        self.pool: str | None = None
+        """The worker pool this process belongs to; None for main."""
 
     # Health --------------------------------------------------------------
 
