@@ -23,6 +23,7 @@ MAIN = "main"
 POOL_NAME = re.compile(r"\A[a-z][a-z0-9_]*\Z")
 _ROUTE_NAME = re.compile(r"\A[a-z0-9][a-z0-9-]*\Z")
 _METHOD = re.compile(r"\A[A-Z]+\Z")
+_GROUP_REFERENCE = re.compile(r"\(\?P[<=]|\\[1-9]|\(\?\(")
 
 
 class Policy(enum.Enum):
@@ -127,6 +128,9 @@ def _parse_patterns(value: object, path: KeyPath) -> tuple[re.Pattern[bytes], ..
     patterns = []
     for i, item in enumerate(items):
         text = read_str(item, (*path, i))
+        if _GROUP_REFERENCE.search(text):
+            # Patterns are joined into one expression, which renumbers groups.
+            fail((*path, i), "named groups and back-references are not supported")
         try:
             patterns.append(re.compile(text.encode("utf-8")))
         except re.error as e:

