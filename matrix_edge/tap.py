@@ -38,6 +38,21 @@ class RouteOptions(usage.Options):
         ["client-ip", None, "192.0.2.1", "The client's address."],
     ]
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # Options may come after METHOD URL too, as with most commands.
+        takes_value = {name[:-1] for name in self.longOpt if name.endswith("=")}
+        flags: list[str] = []
+        positional: list[str] = []
+        args = iter(options if options is not None else sys.argv[1:])
+        for arg in args:
+            if not arg.startswith("--"):
+                positional.append(arg)
+                continue
+            flags.append(arg)
+            if "=" not in arg and arg[2:] in takes_value:
+                flags.append(next(args, ""))
+        super().parseOptions(flags + positional)
+
     def parseArgs(self, method: str, url: str) -> None:  # type: ignore[override]
         self["method"] = method
         self["url"] = url

@@ -159,7 +159,9 @@ class Router:
         assert self._dispatcher is not None
         dispatcher = self._dispatcher
         query = target[len(path) + 1 :]
-        facts = RequestFacts(method, target, path, query, headers, client_ip)
+        facts = RequestFacts(
+            method, target, path, query, headers, client_ip, self._listener.scheme
+        )
         placed = dispatcher.place(facts)
         if isinstance(placed, MatrixError):
             return placed

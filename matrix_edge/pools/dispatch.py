@@ -33,6 +33,8 @@ class RequestFacts:
     query: bytes
     headers: Headers
     client_ip: str
+    scheme: bytes = b"https"
+    """How the client reached the edge, for X-Forwarded-Proto."""
 
 
 @attrs.frozen
@@ -71,7 +73,8 @@ class Dispatcher:
             return self._main_lease
         pool, policy = self._pool_for(route, exclude)
         if pool is None:
-            if route.fallback:
+            # A chain that names main reaches it, whatever `fallback` says.
+            if route.fallback or MAIN in route.pools:
                 return self._main_lease
             return errors.unavailable(
                 "No server is available for this request at the moment", 5
@@ -91,7 +94,8 @@ class Dispatcher:
             return Choice(None, MAIN, None, None, None)
         pool, policy = self._pool_for(route, ())
         if pool is None:
-            return Choice(route, MAIN, None, None, None, fell_back=True)
+            fell_back = route.pools[0] != MAIN
+            return Choice(route, MAIN, None, None, None, fell_back=fell_back)
         members = pool.available()
         key: bytes | Deferred[bytes] | None
         if policy is Policy.USER:
@@ -144,7 +148,7 @@ class Dispatcher:
         known, user = self.whoami.cached(digest)
         if known:
             return user or digest
-        d = self.whoami.lookup(token, digest, facts.client_ip.encode())
+        d = self.whoami.lookup(token, digest, facts.client_ip.encode(), facts.scheme)
         return d.addCallback(lambda user: user or digest)
 
     def _lease(

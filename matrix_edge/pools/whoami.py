@@ -65,11 +65,16 @@ class WhoamiCache:
         return True, user
 
     def lookup(
-        self, token: bytes, digest: bytes, forwarded_for: bytes
+        self,
+        token: bytes,
+        digest: bytes,
+        forwarded_for: bytes,
+        forwarded_proto: bytes = b"https",
     ) -> Deferred[bytes | None]:
         """The user ID for ``token``: None if Synapse does not know it or
-        cannot say. ``forwarded_for`` is the client's address, so that
-        Synapse records the user's real address for this request too."""
+        cannot say. The forwarded headers are the client's, as on the
+        request that needs the answer, so that Synapse records the user's
+        real address and has nothing to warn about."""
         d: Deferred[bytes | None] = Deferred()
         waiting = self._waiting.get(digest)
         if waiting is not None:
@@ -81,6 +86,7 @@ class WhoamiCache:
             (b"Host", b"localhost"),
             (b"Authorization", b"Bearer " + token),
             (b"X-Forwarded-For", forwarded_for),
+            (b"X-Forwarded-Proto", forwarded_proto),
             (b"User-Agent", b"matrix-edge"),
         ]
         exchange = self._upstream.request(b"GET", WHOAMI_PATH, headers, None, answer)

@@ -5,6 +5,8 @@ processes, on loopback, and real Matrix clients (matrix-nio).
     hs2.test  127.0.0.3   edge :443 + :8448 -> Synapse :8008
     hs3.test  127.0.0.4   edge :443 + :8448 -> %xx-decoding shim :8009
                                              -> Synapse :8008
+    hs4.test  127.0.0.5   edge :443 + :8448 -> Synapse's main process and
+                                             workers (test_e2e_workers.py)
 
 hs1 and hs2 federate normally. hs3 is a fresh homeserver behind a
 canonicalising proxy; only the test that expects federation to break there
@@ -34,6 +36,7 @@ from tests.e2e.clients import Clients
 from tests.e2e.homeserver import Homeserver
 from tests.e2e.processes import ProcessGroup
 from tests.e2e.topology import (
+    ALL_HOSTS,
     DECODING_SHIM_HOST,
     HOSTS,
     PASSWORD,
@@ -76,10 +79,12 @@ def _check_host() -> None:
         pytest.skip("MATRIX_EDGE_SKIP_E2E=1")
     if os.geteuid() != 0:
         pytest.skip(
-            "the e2e suite binds ports 443 and 8448 on 127.0.0.2-4 and may edit "
+            "the e2e suite binds ports 443 and 8448 on 127.0.0.2-5 and may edit "
             "/etc/hosts: run it as root"
         )
-    missing = [f"{ip} {name}\n" for name, ip in HOSTS.items() if _resolve(name) != ip]
+    missing = [
+        f"{ip} {name}\n" for name, ip in ALL_HOSTS.items() if _resolve(name) != ip
+    ]
     if missing:
         with open("/etc/hosts", "a+") as hosts:
             hosts.seek(0)
@@ -89,7 +94,7 @@ def _check_host() -> None:
                 + "# matrix-edge e2e suite\n"
                 + "".join(missing)
             )
-        still = [name for name, ip in HOSTS.items() if _resolve(name) != ip]
+        still = [name for name, ip in ALL_HOSTS.items() if _resolve(name) != ip]
         if still:
             pytest.fail(f"/etc/hosts edited but {still} still do not resolve")
 

@@ -1,4 +1,5 @@
-"""The end-to-end suite's own virtualenv: pinned Synapse and matrix-nio.
+"""What the end-to-end suite installs: its own virtualenv with pinned Synapse
+and matrix-nio, and Debian's redis-server for Synapse's workers.
 
 They are not dependencies of matrix-edge and must not be mixed into the test
 environment, so the suite builds a separate virtualenv the first time it runs
@@ -21,6 +22,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 REQUIREMENTS = HERE / "requirements.txt"
 INSTALL_TIMEOUT = 600.0
+REDIS_PACKAGE = "redis-server"
+
+
+class Unavailable(Exception):
+    """Something the suite needs could not be installed here."""
 
 
 def cache_dir() -> Path:
@@ -87,3 +93,55 @@ def ensure_venv() -> Path:
         marker.write_text(wanted)
         sys.stderr.write(f"\ne2e: built {venv} in {time.monotonic() - started:.0f}s\n")
         return python
+
+
+def ensure_redis_server() -> Path:
+    """Return the path of Debian's ``redis-server``, installing the package
+    with apt-get if it is missing (once per machine; an ``apt-get update``
+    only if the first try fails). Raise Unavailable if it cannot be had.
+
+    Only the binary is wanted: the tests run their own server on a loopback
+    address and port of their own, and leave the system service alone."""
+    found = shutil.which("redis-server") or _executable("/usr/bin/redis-server")
+    if found:
+        return Path(found)
+    apt_get = shutil.which("apt-get")
+    if apt_get is None:
+        raise Unavailable("redis-server is not installed and there is no apt-get")
+    if os.geteuid() != 0:
+        raise Unavailable("redis-server is not installed; installing it needs root")
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "apt-redis.log"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = [apt_get, "install", "-y", "--no-install-recommends", REDIS_PACKAGE]
+    with open(root / "install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(log, "a") as out:
+            for argv in (install, [apt_get, "update"], install):
+                if _executable("/usr/bin/redis-server"):
+                    break
+                out.write(f"$ {' '.join(argv)}\n")
+                out.flush()
+                try:
+                    subprocess.run(
+                        argv,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        env=env,
+                        timeout=INSTALL_TIMEOUT,
+                    )
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    out.write(f"{argv[1]} failed: {e!r}\n")
+    found = shutil.which("redis-server") or _executable("/usr/bin/redis-server")
+    if not found:
+        tail = "".join(log.read_text().splitlines(True)[-15:])
+        raise Unavailable(
+            f"apt-get could not install {REDIS_PACKAGE} (see {log}):\n{tail}"
+        )
+    return Path(found)
+
+
+def _executable(path: str) -> str | None:
+    return path if os.access(path, os.X_OK) else None

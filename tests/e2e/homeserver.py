@@ -83,15 +83,21 @@ class Homeserver:
 
     def write_configs(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        leaf = self.pki.issue_leaf(
-            self.server_name, hostnames=[self.server_name], ip_addresses=[self.ip]
-        )
         signing_key = self.directory / "signing.key"
         # Synapse's format: "ed25519 <key id> <unpadded base64 of the seed>".
         seed = base64.b64encode(os.urandom(32)).decode().rstrip("=")
         signing_key.write_text(f"ed25519 a_{secrets.token_hex(2)} {seed}\n")
-        upstream_port = self.shim_port or SYNAPSE_PORT
-        synapse = {
+        self.synapse_config_path.write_text(
+            yaml.safe_dump(self.synapse_config(), sort_keys=False)
+        )
+        self.edge_config_path.write_text(
+            yaml.safe_dump(self.edge_config(), sort_keys=False)
+        )
+
+    def synapse_config(self) -> dict[str, Any]:
+        """homeserver.yaml, as a dict."""
+        signing_key = self.directory / "signing.key"
+        return {
             "server_name": self.server_name,
             "public_baseurl": f"https://{self.server_name}/",
             "pid_file": str(self.directory / "homeserver.pid"),
@@ -129,9 +135,15 @@ class Homeserver:
             "federation_custom_ca_list": [str(self.pki.ca_cert_path)],
             **_GENEROUS_RATE_LIMITS,
         }
-        self.synapse_config_path.write_text(yaml.safe_dump(synapse, sort_keys=False))
 
-        edge = {
+    def edge_config(self) -> dict[str, Any]:
+        """matrix-edge's configuration, as a dict; issues the edge's
+        certificate."""
+        leaf = self.pki.issue_leaf(
+            self.server_name, hostnames=[self.server_name], ip_addresses=[self.ip]
+        )
+        upstream_port = self.shim_port or SYNAPSE_PORT
+        return {
             "listeners": [
                 {
                     "port": port,
@@ -154,15 +166,22 @@ class Homeserver:
                 "client": {"m.homeserver": {"base_url": self.client_url}},
             },
         }
-        self.edge_config_path.write_text(yaml.safe_dump(edge, sort_keys=False))
 
     # -- processes -----------------------------------------------------
 
+    @property
+    def label(self) -> str:
+        """The first label of the server name, to name its processes."""
+        return self.server_name.split(".")[0]
+
     def start(self, group: ProcessGroup, synapse_python: Path) -> None:
         """Start Synapse, the shim if any, and the edge; do not wait."""
-        label = self.server_name.split(".")[0]
+        self.start_synapse(group, synapse_python)
+        self.start_edge(group)
+
+    def start_synapse(self, group: ProcessGroup, synapse_python: Path) -> None:
         self.synapse = group.start(
-            f"{label}-synapse",
+            f"{self.label}-synapse",
             [
                 str(synapse_python),
                 "-m",
@@ -172,6 +191,10 @@ class Homeserver:
             ],
             cwd=self.directory,
         )
+
+    def start_edge(self, group: ProcessGroup) -> None:
+        """Start the shim if there is one, and the edge."""
+        label = self.label
         if self.shim_port is not None:
             self.shim = group.start(
                 f"{label}-decoding-shim",

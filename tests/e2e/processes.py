@@ -109,6 +109,18 @@ class ProcessGroup:
                 os.kill(process.pid, signal.SIGKILL)
                 process.popen.wait()
 
+    def stop(self, process: Process, grace: float = STOP_GRACE_SECONDS) -> int:
+        """Stop one process by its PID: SIGTERM, then SIGKILL if it is still
+        there after ``grace`` seconds. Return its exit status."""
+        if process.running():
+            os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.popen.wait()
+        return process.popen.returncode
+
     def logs(self) -> list[Path]:
         return [p.log_path for p in self.processes] + self.extra_logs
 

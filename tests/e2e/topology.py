@@ -4,6 +4,10 @@
     hs2.test  127.0.0.3   edge :443 + :8448 -> Synapse :8008
     hs3.test  127.0.0.4   edge :443 + :8448 -> %xx-decoding shim :8009
                                              -> Synapse :8008
+    hs4.test  127.0.0.5   edge :443 + :8448 -> Synapse's main process :8008
+                                             and its workers (see workers.py)
+
+hs4.test is started only by the worker tests (test_e2e_workers.py).
 
 Users: alice on hs1, bob on hs2, carol on hs3 (only in the tests that
 expect failures), and an admin on hs1 whose token is used only on Synapse's
@@ -19,6 +23,10 @@ import attrs
 from tests.e2e.homeserver import Homeserver
 
 HOSTS = {"hs1.test": "127.0.0.2", "hs2.test": "127.0.0.3", "hs3.test": "127.0.0.4"}
+# The homeserver with Synapse workers, apart from the cluster above.
+WORKERS_HOST = ("hs4.test", "127.0.0.5")
+# Every name the suite needs in /etc/hosts.
+ALL_HOSTS = {**HOSTS, WORKERS_HOST[0]: WORKERS_HOST[1]}
 # Which homeserver's edge forwards through the %xx-decoding shim. To watch
 # the main scenario fail at the signature checks, run the suite with
 # MATRIX_EDGE_E2E_DECODING_SHIM=hs2.test (the hs3 tests then fail too, as
