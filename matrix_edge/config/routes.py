@@ -135,6 +135,14 @@ def _parse_patterns(value: object, path: KeyPath) -> tuple[re.Pattern[bytes], ..
             patterns.append(re.compile(text.encode("utf-8")))
         except re.error as e:
             fail((*path, i), f"not a valid regular expression: {e}")
+        try:
+            # Joined, each pattern is a group, where global flags are errors.
+            re.compile(b"(?:%s)" % text.encode("utf-8"))
+        except re.error:
+            fail(
+                (*path, i),
+                "global flags are not supported: use a scoped flag, such as (?i:...)",
+            )
     return tuple(patterns)
 
 

@@ -137,14 +137,20 @@ def _parse_pool(value: object, path: KeyPath) -> PoolConfig:
     data = read_mapping(value, path, _POOL_KEYS)
     if "addresses" not in data:
         fail((*path, "addresses"), "required")
+    addresses = _parse_addresses(data["addresses"], (*path, "addresses"))
     balance = None
     if "balance" in data:
         balance = parse_policy(data["balance"], (*path, "balance"))
+        if balance is Policy.SINGLE and len(addresses) != 1:
+            fail(
+                (*path, "balance"),
+                f"`single` needs exactly one address, got {len(addresses)}",
+            )
     queue_timeout = parse_duration(
         data.get("queue_timeout", "5s"), (*path, "queue_timeout")
     )
     return PoolConfig(
-        addresses=_parse_addresses(data["addresses"], (*path, "addresses")),
+        addresses=addresses,
         balance=balance,
         max_concurrent=read_int(
             data.get("max_concurrent", 0), (*path, "max_concurrent"), minimum=0

@@ -18,7 +18,10 @@ from matrix_edge.pools.table import parse_query
 _ROOM_SEGMENT = re.compile(rb"/(?:rooms|join|knock|profile)/([^/?]+)")
 _BEARER = re.compile(rb"\A\s*Bearer\s+(\S+)\s*\Z", re.IGNORECASE)
 _X_MATRIX = re.compile(rb"\A\s*X-Matrix\s+", re.IGNORECASE)
-_ORIGIN = re.compile(rb'(?:\A|,)\s*origin\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
+# Parameter names are case-insensitive (RFC 7235), as Synapse reads them.
+_ORIGIN = re.compile(
+    rb'(?:\A|,)\s*origin\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))', re.IGNORECASE
+)
 
 
 def access_token(headers: Headers, query: bytes) -> bytes | None:

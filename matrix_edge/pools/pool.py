@@ -47,7 +47,6 @@ class Member:
 
         self.in_flight = 0
         self.waiting: deque[_Waiter] = deque()
-        self._free_lease = Lease(upstream, pool.name)
 
     @property
     def available(self) -> bool:
@@ -67,9 +66,7 @@ class Member:
         """A lease now, one once a slot frees up, or None when the pool can
         queue no more requests."""
         limit = self.pool.config.max_concurrent
-        if not limit:
-            return self._free_lease
-        if self.in_flight < limit:
+        if not limit or self.in_flight < limit:
             self.in_flight += 1
             return Lease(self.upstream, self.pool.name, self)
         return self.pool.enqueue(self)

@@ -67,6 +67,22 @@ def test_check_config_errors(tmp_path: Path, document: str, message: str) -> Non
     assert "Traceback" not in result.stderr
 
 
+def test_check_config_names_a_workers_key(tmp_path: Path) -> None:
+    config = processes.write_config(tmp_path / "edge.yaml", {
+        "listeners": [{"port": 8443}],
+        "upstream": "http://127.0.0.1:8008",
+        "workers": {"pools": {"synchrotron": [
+            "http://127.0.0.1:8083", "http://127.0.0.1:8084/_matrix"]}},
+    })
+    result = _run_twistd("--config", str(config), "--check-config")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"matrix-edge: configuration error in {config}: workers.pools.synchrotron[1]: "
+        "give the address only, without a path, got 'http://127.0.0.1:8084/_matrix'"
+    ]
+    assert "Traceback" not in result.stdout
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     result = _run_twistd("--config", str(tmp_path / "nope.yaml"))
     assert result.returncode != 0

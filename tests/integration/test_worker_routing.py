@@ -13,14 +13,16 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 
 from matrix_edge.config.edge import EdgeConfig, parse_config
 from matrix_edge.http.site import EdgeSite
 from matrix_edge.http.upstream import Upstream
 from matrix_edge.pools.dispatch import Dispatcher
 from matrix_edge.service import make_dispatcher
-from tests.rawhttp import exchange
+from tests.rawhttp import connect, exchange, read_response
 from tests.recording_upstream import RecordingUpstreamFactory
 
 
@@ -62,7 +64,13 @@ def worker_stack() -> Iterator[Any]:
         ports.append(port)
         return factory, port
 
-    def make(pools: dict[str, int], **workers_extra: Any) -> WorkerStack:
+    def make(
+        pools: dict[str, int],
+        limits: dict[str, dict[str, Any]] | None = None,
+        **workers_extra: Any,
+    ) -> WorkerStack:
+        """Pools of that many recording workers each; ``limits`` adds the
+        long form's keys to a pool."""
         main, main_port = listen()
         workers: dict[str, list[RecordingUpstreamFactory]] = {}
         listeners: dict[int, Any] = {}
@@ -81,7 +89,13 @@ def worker_stack() -> Iterator[Any]:
                     {"port": 1, "bind_addresses": ["127.0.0.1"], "type": "client"}
                 ],
                 "upstream": f"http://127.0.0.1:{main_port.getHost().port}",
-                "workers": {"pools": addresses, **workers_extra},
+                "workers": {
+                    "pools": {
+                        name: {"addresses": pool, **(limits or {}).get(name, {})}
+                        for name, pool in addresses.items()
+                    },
+                    **workers_extra,
+                },
             }
         )
         made: dict[Any, Upstream] = {}
@@ -266,3 +280,112 @@ async def test_the_readiness_endpoint_reports_each_pool(worker_stack):
     body = json.loads(response.body)
     assert set(body["pools"]) == {"synchrotron"}
     assert len(body["pools"]["synchrotron"]["members"]) == 2
+
+
+async def _until(condition: Any) -> None:
+    """Let the reactor run until ``condition()`` holds."""
+    for _ in range(4000):
+        if condition():
+            return
+        await deferLater(reactor, 0.005, lambda: None)
+    raise AssertionError("the condition never held")
+
+
+# A route of the config that carries the recording upstream's behaviours
+# (/_matrix/hang never answers) to a pool.
+SLOW_ROUTE = {
+    "name": "slow",
+    "pool": "client_reader",
+    "policy": "uri",
+    "patterns": ["^/_matrix/(hang|status)$"],
+}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_pool_queues_then_answers_429(worker_stack):
+    stack = worker_stack(
+        {"client_reader": 1},
+        limits={"client_reader": {
+            "max_concurrent": 1, "queue": 1, "queue_timeout": "60s"
+        }},
+        routes=[SLOW_ROUTE],
+    )
+    worker = stack.workers["client_reader"][0]
+    pool = stack.dispatcher.pools["client_reader"]
+    holder = connect(stack.port)
+    queued = connect(stack.port)
+    try:
+        holder.sendall(_request(b"GET", b"/_matrix/hang?m=h1"))
+        await _until(lambda: len(worker.requests) == 1)
+        assert pool.members[0].in_flight == 1
+        queued.sendall(_request(b"GET", b"/_matrix/status?m=q1"))
+        await _until(lambda: pool.queued == 1)
+        # The slot is taken and the queue is full: 429 at once.
+        response = await _send(stack, b"GET", b"/_matrix/status?m=q2")
+        assert response.status == 429
+        assert json.loads(response.body) == {
+            "errcode": "M_LIMIT_EXCEEDED",
+            "error": "Too many requests",
+            "retry_after_ms": 60000,
+        }
+        assert response.header("Retry-After") == "60"
+        # Other pools, and main, are not held up.
+        response = await _send(stack, b"GET", b"/_matrix/client/v3/logout?m=main1")
+        assert response.status == 200
+        assert stack.landed(b"m=main1") == "main"
+        # The client holding the slot goes: the queued request takes it.
+        holder.close()
+        response = await deferToThread(read_response, queued)
+        assert response.status == 200
+        assert [rec.target for rec in worker.requests] == [
+            b"/_matrix/hang?m=h1", b"/_matrix/status?m=q1"
+        ]
+        await _until(lambda: pool.members[0].in_flight == 0)
+        assert pool.queued == 0
+    finally:
+        holder.close()
+        queued.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_access_log_names_pool_and_worker(worker_stack):
+    stack = worker_stack({"synchrotron": 2})
+    entries: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace", "").startswith("matrix_edge.access."):
+            entries.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for i in range(4):
+            await _send(
+                stack,
+                b"GET",
+                b"/_matrix/client/v3/sync?since=s&m=log%d" % i,
+                token=b"tok-user%d-D" % i,
+            )
+        await _send(stack, b"GET", b"/_matrix/client/versions?m=log-main")
+        await _until(lambda: len(entries) == 5)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    addresses = {
+        f"synchrotron{i + 1}": f"http://127.0.0.1:{stack.listeners[id(f)].getHost().port}"
+        for i, f in enumerate(stack.workers["synchrotron"])
+    }
+    by_marker = {e["access"]["target"].rpartition("m=")[2]: e for e in entries}
+    for i in range(4):
+        entry = by_marker[f"log{i}"]
+        worker = addresses[stack.landed(b"m=log%d" % i)]
+        assert (entry["access"]["pool"], entry["access"]["worker"]) == (
+            "synchrotron", worker
+        )
+        assert "(upstream " in entry["access_line"]
+        assert f"sec via synchrotron {worker}) " in entry["access_line"]
+        # The token never reaches the log.
+        assert b"tok-user%d" % i not in repr(entry).encode()
+    main = by_marker["log-main"]
+    assert (main["access"]["pool"], main["access"]["worker"]) == (
+        "main", str(stack.config.upstream)
+    )
+    assert f" via main {stack.config.upstream}) " in main["access_line"]
