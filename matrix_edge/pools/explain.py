@@ -95,8 +95,8 @@ def describe_table(dispatcher: Dispatcher, config: EdgeConfig) -> str:
     ]
     if left_out:
         lines.append(
-            "Left out (no pool configured for them, so main takes them): "
-            + ", ".join(left_out)
+            "Left out (no pool configured for them; a later route or main takes "
+            "their requests): " + ", ".join(left_out)
         )
     lines.append("")
     lines.append("Pools:")

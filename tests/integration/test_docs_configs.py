@@ -10,6 +10,12 @@ fallback addresses (to recording stand-ins, on a unix socket where the page
 uses one). ``--check-config`` must accept the result, then ``twistd
 matrix-edge`` runs it and the behaviours the original configuration
 promised are checked over real TLS connections.
+
+docs/workers.md holds one deployment with Synapse workers, as nginx and as
+matrix-edge: its matrix-edge configuration must pass ``--check-config``,
+its line counts must be those of its two configurations, and the output it
+shows of ``route``, ``routes`` and ``migrate-workers`` must be what they
+print.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import re
+import shlex
 import shutil
 import socket
 import ssl
@@ -112,6 +120,7 @@ _REWRITABLE = re.compile(
 # that the test can also see what never reached it.
 RECORDER = r"""
 import json
+import os
 import sys
 
 from twisted.internet import reactor
@@ -850,3 +859,232 @@ def test_relayd_with_static_web_server(tmp_path: Path) -> None:
         assert set(_index_page_statuses(stack, 2.5)) == {200}
         ready = stack.get(443, "/ready", "example.com")
         assert json.loads(ready.body)["upstreams"] == {"synapse": "up", "fallback": "up"}
+
+
+# docs/workers.md ------------------------------------------------------------
+#
+# Unlike the migration pages, it holds several ``yaml`` blocks: each test
+# takes the block under its section's heading.
+
+WORKERS_PAGE = "workers.md"
+WORKER_SAMPLES = processes.REPO / "etc" / "examples" / "synapse-workers"
+# The configuration file the page's commands name.
+WORKERS_CONFIG_PATH = "/etc/matrix-edge/matrix-edge.yaml"
+
+# Pool -> members in the deployment the page describes.
+WORKERS_DEPLOYMENT = {
+    "synchrotron": 2,
+    "initial_sync": 1,
+    "client_reader": 2,
+    "event_creator": 1,
+    "federation_inbound": 2,
+    "federation_reader": 1,
+    "media_repository": 1,
+    "typing": 1,
+    "to_device": 1,
+    "account_data": 1,
+    "push_rules": 1,
+    "receipts": 1,
+    "presence": 1,
+}
+
+_CERTIFICATE_KEY = re.compile(
+    r"\Alisteners\[\d+\]\.tls\.(?:certificates\[\d+\]\.)?"
+    r"(?:certificate_path|private_key_path)\Z"
+)
+# Where the page's excerpts leave lines out.
+ELISION = "[...]"
+
+
+def page_section(page: str, heading: str) -> str:
+    """The text under ``## heading``, up to the next ``##`` heading."""
+    text = (DOCS / page).read_text(encoding="utf-8")
+    match = re.search(
+        rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL
+    )
+    assert match, f"{page} lacks the heading {heading!r}"
+    return match.group(1)
+
+
+def fenced_blocks(text: str, info: str) -> list[str]:
+    return re.findall(rf"^```{info}\n(.*?)^```$", text, re.MULTILINE | re.DOTALL)
+
+
+def section_block(page: str, heading: str, info: str) -> str:
+    blocks = fenced_blocks(page_section(page, heading), info)
+    assert len(blocks) == 1, f"{page}: {heading!r} must hold exactly one ```{info} block"
+    return blocks[0]
+
+
+def significant_lines(block: str) -> int:
+    """Lines that are neither blank nor only a comment, as
+    ``grep -cvE '^\\s*(#|$)'`` counts them."""
+    return sum(
+        1 for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    )
+
+
+def workers_page_document() -> dict[str, Any]:
+    document = yaml.safe_load(
+        section_block(WORKERS_PAGE, "The matrix-edge configuration", "yaml")
+    )
+    assert isinstance(document, dict)
+    return document
+
+
+def console_runs(block: str) -> Iterator[tuple[str, list[str]]]:
+    """Each ``$ command`` of a console block, with the lines shown after it."""
+    command: str | None = None
+    shown: list[str] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            if command is not None:
+                yield command, shown
+            command, shown = line[2:], []
+        elif command is not None:
+            shown.append(line)
+    if command is not None:
+        yield command, shown
+
+
+def assert_shown(shown: list[str], printed: str) -> None:
+    """``shown`` is what was printed; or, where it has ``[...]`` lines, its
+    runs between them are found in what was printed, in order."""
+    lines = printed.splitlines()
+    if ELISION not in shown:
+        assert shown == lines
+        return
+    runs: list[list[str]] = [[]]
+    for line in shown:
+        if line == ELISION:
+            runs.append([])
+        else:
+            runs[-1].append(line)
+    start = 0
+    for run in runs:
+        for i in range(start, len(lines) - len(run) + 1):
+            if lines[i : i + len(run)] == run:
+                start = i + len(run)
+                break
+        else:
+            pytest.fail("not printed in this order:\n" + "\n".join(run))
+
+
+@pytest.fixture(scope="module")
+def workers_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The page's configuration, with test certificates for the same names
+    in place of its certificate files and nothing else changed."""
+    directory = tmp_path_factory.mktemp("workers")
+    original = workers_page_document()
+    document = copy.deepcopy(original)
+    certificates = Certificates(make_pki(directory / "pki"))
+    for listener in document["listeners"]:
+        for entry in _certificate_entries(listener):
+            certificates.replace(entry)
+    before, after = _flatten(original), _flatten(document)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed and all(_CERTIFICATE_KEY.match(k) for k in changed), sorted(changed)
+    # In the page's order: `routes` lists the pools in it.
+    path = directory / "matrix-edge.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def run_twistd(argv: list[str], cwd: Path = processes.REPO) -> str:
+    result = subprocess.run(
+        [processes.TWISTD, *argv], capture_output=True, text=True, timeout=60,
+        cwd=cwd, env=dict(os.environ, PYTHONPATH=str(processes.REPO)),
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_workers_page_layout() -> None:
+    text = (DOCS / WORKERS_PAGE).read_text(encoding="utf-8")
+    for heading in ("The deployment", "Line counts", "The nginx configuration",
+                    "The matrix-edge configuration", "Checking the routing",
+                    "Migrating an existing deployment", "Policies", "Health and fallback",
+                    "Limits", "`/ready`", "The access log", "Adding or overriding routes",
+                    "Tested by"):
+        assert f"\n## {heading}\n" in text, f"{WORKERS_PAGE} lacks {heading!r}"
+    assert WORKERS_PAGE in (DOCS / "README.md").read_text(encoding="utf-8")
+    assert f"docs/{WORKERS_PAGE}" in (processes.REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_workers_page_config_checks(workers_config: Path) -> None:
+    """The deployment the page describes, on 443 and 8448 with TLS, passes
+    ``--check-config`` as written (certificate files apart)."""
+    document = workers_page_document()
+    assert {entry["port"]: entry["type"] for entry in document["listeners"]} \
+        == {443: "client", 8448: "federation"}
+    assert all(_certificate_entries(entry) for entry in document["listeners"])
+    assert document["upstream"] == "http://127.0.0.1:8008"
+    pools = document["workers"]["pools"]
+    assert {name: len(addresses) for name, addresses in pools.items()} == WORKERS_DEPLOYMENT
+    checked = check_config(workers_config)
+    assert checked.returncode == 0, checked.stderr
+    assert "configuration OK" in checked.stdout
+
+
+def test_workers_page_line_counts() -> None:
+    """The numbers in the page's line-count table are those of the nginx
+    and matrix-edge configurations it gives."""
+    table = page_section(WORKERS_PAGE, "Line counts")
+    stated = dict(re.findall(r"^\| (nginx|matrix-edge) \| `[^`]+` \| (\d+) \|$", table, re.MULTILINE))
+    assert set(stated) == {"nginx", "matrix-edge"}
+    nginx = section_block(WORKERS_PAGE, "The nginx configuration", "nginx")
+    edge = section_block(WORKERS_PAGE, "The matrix-edge configuration", "yaml")
+    assert int(stated["nginx"]) == significant_lines(nginx)
+    assert int(stated["matrix-edge"]) == significant_lines(edge)
+    # The README quotes both.
+    readme = (processes.REPO / "README.md").read_text(encoding="utf-8")
+    section = re.search(r"^## Synapse workers\n(.*?)^## ", readme, re.MULTILINE | re.DOTALL)
+    assert section, "README.md lacks its Synapse workers section"
+    assert set(re.findall(r"(\d+) lines", section.group(1))) == set(stated.values())
+
+
+@pytest.mark.parametrize("heading", ["Policies", "Limits", "Adding or overriding routes"])
+def test_workers_page_snippets(heading: str, workers_config: Path) -> None:
+    """The ``workers`` snippets of the page are valid added to its
+    configuration."""
+    snippet = yaml.safe_load(section_block(WORKERS_PAGE, heading, "yaml"))["workers"]
+    document = yaml.safe_load(workers_config.read_text())
+    document["workers"]["pools"].update(snippet.get("pools") or {})
+    document["workers"]["routes"] = snippet.get("routes", [])
+    parse_config(document)
+
+
+def test_workers_page_dry_runs(workers_config: Path) -> None:
+    """Every ``twistd matrix-edge -c ... route`` and ``routes`` command on
+    the page prints what the page shows, run on the page's configuration."""
+    text = (DOCS / WORKERS_PAGE).read_text(encoding="utf-8")
+    commands = []
+    for block in fenced_blocks(text, "console"):
+        for command, shown in console_runs(block):
+            argv = shlex.split(command)
+            if argv[:3] != ["twistd", "matrix-edge", "-c"]:
+                continue
+            assert argv[3] == WORKERS_CONFIG_PATH, command
+            assert_shown(shown, run_twistd(["matrix-edge", "-c", str(workers_config), *argv[4:]]))
+            commands.append(argv[4])
+    assert "routes" in commands
+    assert commands.count("route") >= 5
+
+
+def test_workers_page_migration() -> None:
+    """``migrate-workers`` on the page's sample Synapse files prints what the
+    page shows: the ``upstream`` and pools of the page's configuration."""
+    shown = page_section(WORKERS_PAGE, "Migrating an existing deployment")
+    [command] = [command for block in fenced_blocks(shown, "console")
+                 for command, _ in console_runs(block) if command.startswith("twistd ")]
+    argv = shlex.split(command)
+    assert argv[:4] == ["twistd", "matrix-edge", "migrate-workers", "homeserver.yaml"]
+    assert argv[4:] == ["workers/*.yaml"]
+    workers = sorted(str(p.relative_to(WORKER_SAMPLES)) for p in WORKER_SAMPLES.glob("workers/*.yaml"))
+    printed = run_twistd([*argv[1:4], *workers], cwd=WORKER_SAMPLES)
+    assert printed == section_block(WORKERS_PAGE, "Migrating an existing deployment", "yaml")
+    document = workers_page_document()
+    assert yaml.safe_load(printed) == {
+        "upstream": document["upstream"],
+        "workers": {"pools": document["workers"]["pools"]},
+    }
