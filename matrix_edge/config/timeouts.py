@@ -26,8 +26,19 @@ class TimeoutsConfig:
     """A client connection with no request in progress is closed after this
     long without traffic."""
 
+    request_headers: float = 30.0
+    """From the first byte of a request to the end of its headers. Every
+    byte resets ``client_idle``, so without this a client trickling its
+    headers (slowloris) would hold a connection for ever."""
 
-_KEYS = ("upstream_connect", "upstream_response", "body_idle", "client_idle")
+
+_KEYS = (
+    "upstream_connect",
+    "upstream_response",
+    "body_idle",
+    "client_idle",
+    "request_headers",
+)
 
 
 def parse_timeouts(value: object, path: KeyPath) -> TimeoutsConfig:

@@ -7,6 +7,9 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import (
     RESPONSES,
     HTTPChannel,
@@ -21,6 +24,7 @@ from matrix_edge.config.listeners import ListenerConfig, ListenerType
 from matrix_edge.http import errors
 from matrix_edge.http.accesslog import AccessLog, redact_target
 from matrix_edge.http.accesslog_file import AccessLogFile
+from matrix_edge.http.deadlines import HeaderDeadlines
 from matrix_edge.http.errors import MatrixError, write_error
 from matrix_edge.http.forward import Forwarding
 from matrix_edge.http.headers import client_address, is_trusted
@@ -44,6 +48,8 @@ from matrix_edge.resources.well_known import WellKnownResource
 # in the socket, makes the kernel reset the connection and the client may
 # never see the answer.
 LINGER_SECONDS = 5.0
+
+log = Logger()
 
 
 def local_resources(
@@ -79,6 +85,33 @@ class EdgeHTTPChannel(HTTPChannel):
         # with Nagle they can wait for the peer's delayed ACK, 40 ms here.
         set_no_delay(self.transport)
 
+    site: EdgeSite
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.line_mode:
+            # Request line and headers: they must be complete in time.
+            self.site.header_deadlines.start(self)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self.site.header_deadlines.stop(self)
+        super().allHeadersReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.site.header_deadlines.stop(self)
+        super().connectionLost(reason)
+
+    def headers_too_slow(self) -> None:
+        if self.transport is None or self.transport.disconnecting:  # type: ignore[attr-defined]
+            return
+        log.info(
+            "Closing a connection from {peer}: no complete request headers in "
+            "{seconds}s",
+            peer=self.transport.getPeer(),
+            seconds=self.site.config.timeouts.request_headers,
+        )
+        self._reject(MatrixError(408, "M_UNKNOWN", "Request headers took too long"))
+
     def _respondToBadRequestAndDisconnect(self) -> None:
         self._reject(errors.bad_request("Malformed HTTP request"))
 
@@ -95,10 +128,12 @@ class EdgeHTTPChannel(HTTPChannel):
         self.loseConnection()
 
 
+# Phrases of RFC 9110 that Twisted's table lacks or words otherwise.
+_PHRASES = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
 def _reason_phrase(code: int) -> bytes:
-    if code == 431:  # not in Twisted's table
-        return b"Request Header Fields Too Large"
-    return RESPONSES.get(code, b"Error")
+    return _PHRASES.get(code) or RESPONSES.get(code, b"Error")
 
 
 class EdgeRequest(Request):
@@ -365,6 +400,9 @@ class EdgeSite(Site):
             dispatcher,
         )
         self.access_log = AccessLog(listener.tag, config.access_log, access_log_file)
+        self.header_deadlines: HeaderDeadlines[EdgeHTTPChannel] = HeaderDeadlines(
+            clock, config.timeouts.request_headers, EdgeHTTPChannel.headers_too_slow
+        )
 
     def getResourceFor(self, request: Request) -> IResource:
         # Local resources are found by the raw path, as routing decided;

@@ -54,7 +54,10 @@ def make_harness(**overrides) -> Harness:
     config = parse_config(document)
     clock = MemoryReactorClock()
     upstream = Upstream(
-        clock, config.upstream, config.upstream_pool, config.timeouts,
+        clock,
+        config.upstream,
+        config.upstream_pool,
+        config.timeouts,
         endpoint=TCP4ClientEndpoint(clock, "127.0.0.1", 8008),
     )
     site = EdgeSite(config.listeners[0], config, upstream, clock)
@@ -106,7 +109,9 @@ def test_body_streams_before_it_is_complete():
 
 def test_response_timeout_starts_after_the_body():
     h = make_harness(timeouts={"upstream_response": "30s", "body_idle": "60s"})
-    h.send(b"PUT /_matrix/client/v3/x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nab")
+    h.send(
+        b"PUT /_matrix/client/v3/x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nab"
+    )
     h.connect_upstream()
     h.clock.advance(45)  # a slow upload, within body_idle
     h.send(b"cd")
@@ -129,7 +134,9 @@ def test_long_poll_within_response_timeout():
 
 def test_stalled_upload_is_abandoned():
     h = make_harness(timeouts={"body_idle": "10s"})
-    h.send(b"PUT /_matrix/client/v3/x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nab")
+    h.send(
+        b"PUT /_matrix/client/v3/x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nab"
+    )
     upstream = h.connect_upstream()
     h.clock.advance(9)
     h.send(b"cd")
@@ -200,13 +207,18 @@ def test_access_log_line():
         h.upstream_says(OK)
     finally:
         globalLogPublisher.removeObserver(events.append)
-    [event] = [e for e in events if e.get("log_namespace") == "matrix_edge.access.client-8443"]
+    [event] = [
+        e for e in events if e.get("log_namespace") == "matrix_edge.access.client-8443"
+    ]
     from twisted.logger import formatEvent
 
     line = formatEvent(event)
     assert line.startswith("203.0.113.7 - client-8443 - ")
     assert "syt_secret" not in line
-    assert '"GET /_matrix/client/v3/sync?access_token=<redacted>&since=s1 HTTP/1.1"' in line
+    assert (
+        '"GET /_matrix/client/v3/sync?access_token=<redacted>&since=s1 HTTP/1.1"'
+        in line
+    )
     assert " 200 " in line and "2B" in line and '"Element/1.0"' in line
     assert "upstream 1.000sec" in line
 
@@ -241,7 +253,9 @@ def test_well_known_on_client_listener():
 
 def test_well_known_write_methods_refused():
     h = make_harness(well_known={"server": "hs1.test:8448"})
-    h.send(b"PUT /.well-known/matrix/server HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+    h.send(
+        b"PUT /.well-known/matrix/server HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n"
+    )
     assert h.response().startswith(b"HTTP/1.1 405 ")
 
 
@@ -284,8 +298,14 @@ def test_no_timer_outlives_its_request():
         h.upstream_says(OK)
     assert h.response().count(b"HTTP/1.1 200 OK") == 3
     # What remains is the client connection's idle timeout and the pooled
-    # upstream connection's: nothing holding a finished request alive.
-    pending = [call.func for call in h.clock.getDelayedCalls()]
+    # upstream connection's, and the site's header-deadline sweep, which
+    # holds no connection: nothing holding a finished request alive.
+    assert len(h.site.header_deadlines) == 0
+    pending = [
+        call.func
+        for call in h.clock.getDelayedCalls()
+        if call.func != h.site.header_deadlines._sweep
+    ]
     assert len(pending) <= 2, pending
     h.clock.advance(180)
     assert not h.response().count(b"504")
@@ -299,14 +319,18 @@ def test_access_log_file_batches_and_reopens(tmp_path):
     log_file = AccessLogFile(h.clock, str(path))
     log_file.startService()
     h.site.access_log._file = log_file
-    h.send(b"GET /_matrix/client/versions?access_token=secret HTTP/1.1\r\nHost: h\r\n\r\n")
+    h.send(
+        b"GET /_matrix/client/versions?access_token=secret HTTP/1.1\r\nHost: h\r\n\r\n"
+    )
     h.connect_upstream()
     h.upstream_says(OK)
     h.send(b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n")
     assert path.read_text() == ""  # batched
     h.clock.advance(FLUSH_SECONDS)
     [line] = path.read_text().splitlines()
-    assert "client-8443" in line and "access_token=<redacted>" in line and " 200 " in line
+    assert (
+        "client-8443" in line and "access_token=<redacted>" in line and " 200 " in line
+    )
     assert "secret" not in line
     # logrotate moves the file away; SIGHUP reopens at the path.
     path.rename(tmp_path / "access.log.1")
@@ -324,3 +348,35 @@ def test_connection_lost_before_the_headers_are_complete():
     from twisted.python.failure import Failure
 
     h.channel.connectionLost(Failure(ConnectionDone()))  # must not raise
+
+
+def test_headers_trickled_too_slowly_get_408():
+    """Each byte resets the idle timeout; the header deadline still ends
+    a request whose headers do not complete in time."""
+    h = make_harness(timeouts={"client_idle": "20s", "request_headers": "30s"})
+    for byte in b"GET /_matrix/client/versions HTTP/1.1\r\nHost: h\r\n":
+        h.send(bytes([byte]))
+        h.clock.advance(1)
+        if h.client.disconnecting:
+            break
+    assert h.response().startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    body = h.response().split(b"\r\n\r\n", 1)[1]
+    assert json.loads(body)["errcode"] == "M_UNKNOWN"
+    assert h.client.disconnecting
+    assert h.clock.tcpClients == []  # nothing went to Synapse
+
+
+def test_the_header_deadline_restarts_with_each_request():
+    """Time spent on earlier requests of a connection, or idle between
+    them, does not count against the next request's headers."""
+    h = make_harness(timeouts={"client_idle": "120s", "request_headers": "30s"})
+    for _ in range(3):
+        h.send(b"GET /_matrix/client/versions HTTP/1.1\r\n")
+        h.clock.advance(20)
+        h.send(b"Host: h\r\n\r\n")
+        if h.upstream is None:
+            h.connect_upstream()
+        h.upstream_says(OK)
+        h.clock.advance(25)
+    assert h.response().count(b"HTTP/1.1 200 OK") == 3
+    assert not h.client.disconnecting
