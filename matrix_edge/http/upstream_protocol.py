@@ -46,6 +46,15 @@ class ResponseHandler(TypingProtocol):
     def upstream_failed(self, reason: Failure, timed_out: bool = False) -> None: ...
 
 
+def _well_formed(head: bytes, line_count: int) -> bool:
+    """Whether a request head has line breaks only where its lines end."""
+    return (
+        head.count(b"\n") == line_count
+        and head.count(b"\r") == line_count
+        and b"\0" not in head
+    )
+
+
 class UpstreamError(Exception):
     """Synapse's connection broke, or it answered something that is not
     HTTP/1.1, before the response could start."""
@@ -97,18 +106,32 @@ class UpstreamConnection(Protocol):
         lines = [method, b" ", target, b" HTTP/1.1\r\n"]
         for name, value in headers:
             lines += (name, b": ", value, b"\r\n")
+        line_count = len(headers) + 2
         if body is None:
             if method in (b"POST", b"PUT", b"PATCH"):
                 lines.append(b"Content-Length: 0\r\n")
+                line_count += 1
             self._body_done = True
-        elif body.length is None:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-            self._body_done = False
         else:
-            lines.append(b"Content-Length: %d\r\n" % body.length)
+            if body.length is None:
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                lines.append(b"Content-Length: %d\r\n" % body.length)
+            line_count += 1
             self._body_done = False
         lines.append(b"\r\n")
-        self.transport.writeSequence(lines)
+        head = b"".join(lines)
+        if not _well_formed(head, line_count):
+            # A CR, LF or NUL inside a name or value would let bytes that
+            # came from a client start a request of their own.
+            self._state = "closed"
+            self._handler = None
+            self.abort()
+            handler.upstream_failed(
+                Failure(UpstreamError("refused to send a header with a line break"))
+            )
+            return
+        self.transport.write(head)
         if body is not None:
             self._body = body
             _consumer(self).registerProducer(body, True)

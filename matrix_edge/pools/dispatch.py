@@ -3,6 +3,7 @@ with a healthy member, then the member by the route's policy."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
 
 import attrs
@@ -21,6 +22,10 @@ from matrix_edge.pools.table import RouteTable
 from matrix_edge.pools.whoami import WhoamiCache, token_digest
 
 Placed = Lease | Deferred[Lease] | MatrixError
+
+# What an access token can be (RFC 6750's b64token, and then some): only
+# such tokens are sent to whoami.
+_LOOKUP_SAFE = re.compile(rb"\A[\x21-\x7e]{1,4096}\Z")
 
 
 @attrs.frozen
@@ -80,11 +85,19 @@ class Dispatcher:
                 "No server is available for this request at the moment", 5
             )
         members = pool.available(exclude)
+        if len(members) == 1 or policy is Policy.SINGLE:
+            # No key can change the choice: no whoami lookup to wait for.
+            return self._lease(pool, members[0])
         key = self._key(policy, facts)
         if isinstance(key, Deferred):
-            d = key.addCallback(lambda k: self._lease(pool, policy, k, members))
-            return d.addCallback(_raise_errors)
-        return self._lease(pool, policy, key, members)
+
+            def looked_up(key: bytes) -> Lease | Deferred[Lease]:
+                # The members may have changed while whoami answered.
+                now = pool.available(exclude) or members
+                return _raise_errors(self._lease(pool, _pick(pool, policy, key, now)))
+
+            return key.addCallback(looked_up)
+        return self._lease(pool, _pick(pool, policy, key, members))
 
     def explain(self, facts: RequestFacts, user: bytes | None = None) -> Choice:
         """Where ``facts`` would go now, without leasing anything; the user
@@ -143,22 +156,22 @@ class Dispatcher:
         if token is None:
             return facts.client_ip.encode()
         digest = token_digest(token)
-        if self.whoami is None:
+        whoami = self.whoami
+        if whoami is None or not _LOOKUP_SAFE.match(token):
+            # A token that is not one (line breaks, spaces) is never sent
+            # anywhere: its digest is key enough.
             return digest
-        known, user = self.whoami.cached(digest)
+        known, user = whoami.cached(digest)
         if known:
             return user or digest
-        d = self.whoami.lookup(token, digest, facts.client_ip.encode(), facts.scheme)
+        if self.main.known_down or whoami.busy:
+            return digest
+        d = whoami.lookup(token, digest, facts.client_ip.encode(), facts.scheme)
         return d.addCallback(lambda user: user or digest)
 
-    def _lease(
-        self,
-        pool: WorkerPool,
-        policy: Policy,
-        key: bytes | None,
-        members: list[Member],
-    ) -> Placed:
-        lease = _pick(pool, policy, key, members).lease()
+    @staticmethod
+    def _lease(pool: WorkerPool, member: Member) -> Placed:
+        lease = member.lease()
         if lease is None:
             return errors.limit_exceeded(pool.config.queue_timeout)
         return lease

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from hashlib import blake2b
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -30,8 +30,13 @@ MAX_ANSWER = 64 * 1024
 
 # How long a token Synapse does not know stays known as such: not long, as
 # the answer costs Synapse little and a token may be in the middle of being
-# issued.
+# issued. A lookup that failed (no answer, an error) is not retried for as
+# long either, so that a struggling Synapse is not asked again per request.
 UNKNOWN_TOKEN_TTL = 30.0
+FAILED_LOOKUP_TTL = 10.0
+
+# Lookups in flight at once; beyond this, requests balance by the token.
+MAX_LOOKUPS = 256
 
 
 def token_digest(token: bytes) -> bytes:
@@ -94,17 +99,26 @@ class WhoamiCache:
         answer.done.addCallback(self._answered, digest, timer)
         return d
 
+    @property
+    def busy(self) -> bool:
+        """Whether as many lookups as allowed are in flight."""
+        return len(self._waiting) >= MAX_LOOKUPS
+
     def _answered(
-        self, outcome: tuple[int, bytes | None, str], digest: bytes, timer: object
+        self,
+        outcome: tuple[int, bytes | None, str],
+        digest: bytes,
+        timer: IDelayedCall,
     ) -> None:
-        if getattr(timer, "active", lambda: False)():
-            timer.cancel()  # type: ignore[attr-defined]
+        if timer.active():
+            timer.cancel()
         code, user, reason = outcome
         if user is not None:
             self._store(digest, user, self._ttl)
         elif code in (401, 403):
             self._store(digest, None, min(self._ttl, UNKNOWN_TOKEN_TTL))
         else:
+            self._store(digest, None, min(self._ttl, FAILED_LOOKUP_TTL))
             log.info(
                 "Could not look up a token's user ({reason}); balancing "
                 "by the token instead",

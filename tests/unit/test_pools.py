@@ -36,6 +36,7 @@ from matrix_edge.pools.dispatch import (
 from matrix_edge.pools.keys import access_token, room_key, xmatrix_origin
 from matrix_edge.pools.pool import Lease, PoolFull, WorkerPool
 from matrix_edge.pools.whoami import (
+    FAILED_LOOKUP_TTL,
     LOOKUP_TIMEOUT,
     UNKNOWN_TOKEN_TTL,
     WHOAMI_PATH,
@@ -189,11 +190,15 @@ def test_room_key_escaped_and_unescaped_are_equal():
 @pytest.mark.parametrize(
     ("authorization", "expected"),
     [
-        ([b'X-Matrix origin="a.example",destination="hs",key="ed25519:1",sig="x"'],
-         b"a.example"),
+        (
+            [b'X-Matrix origin="a.example",destination="hs",key="ed25519:1",sig="x"'],
+            b"a.example",
+        ),
         ([b"X-Matrix origin=a.example,key=ed25519:1,sig=x"], b"a.example"),
-        ([b'X-Matrix key="ed25519:1", origin="b.example:8448" ,sig="x"'],
-         b"b.example:8448"),
+        (
+            [b'X-Matrix key="ed25519:1", origin="b.example:8448" ,sig="x"'],
+            b"b.example:8448",
+        ),
         ([b'X-Matrix origin="we\\"ird\\\\name",key="k"'], b'we"ird\\name'),
         ([b'x-matrix origin="a.example",key="k"'], b"a.example"),
         ([b'X-MATRIX   origin="a.example"'], b"a.example"),
@@ -383,17 +388,21 @@ def test_a_short_ttl_bounds_the_unknown_token_entries_too():
         lambda exchange: exchange.fail(),
     ],
 )
-def test_failures_are_not_cached(fail):
-    _clock, upstream, cache = make_cache()
+def test_failures_are_remembered_briefly(fail):
+    """A failed lookup is not repeated per request while Synapse struggles,
+    and is tried again soon after."""
+    clock, upstream, cache = make_cache()
     d = _lookup(cache, b"syt_alice")
     fail(upstream.exchanges[0])
     assert _result(d) is None
+    assert cache.cached(token_digest(b"syt_alice")) == (True, None)
+    clock.advance(FAILED_LOOKUP_TTL)
     assert cache.cached(token_digest(b"syt_alice")) == (False, None)
     _lookup(cache, b"syt_alice")
     assert len(upstream.exchanges) == 2
 
 
-def test_a_broken_off_answer_is_not_cached():
+def test_a_broken_off_answer_names_no_user():
     _clock, upstream, cache = make_cache()
     d = _lookup(cache, b"syt_alice")
     handler = upstream.exchanges[0].handler
@@ -401,7 +410,7 @@ def test_a_broken_off_answer_is_not_cached():
     handler.response_data(b'{"user_id": "@alice:hs"')
     handler.response_end(False, "connection lost")
     assert _result(d) is None
-    assert len(cache) == 0
+    assert cache.cached(token_digest(b"syt_alice")) == (True, None)
 
 
 def test_no_answer_in_time_gives_none():
@@ -412,9 +421,10 @@ def test_no_answer_in_time_gives_none():
     clock.advance(0.1)
     assert _result(d) is None
     assert upstream.exchanges[0].cancelled
-    assert len(cache) == 0
     assert not clock.getDelayedCalls()
-    # A later lookup asks again.
+    # Remembered as failed for a while, then asked again.
+    assert cache.cached(token_digest(b"syt_alice")) == (True, None)
+    clock.advance(FAILED_LOOKUP_TTL)
     _lookup(cache, b"syt_alice")
     assert len(upstream.exchanges) == 2
 
@@ -528,9 +538,7 @@ def _upstream(clock, port: int) -> Upstream:
 def make_pool(members: int = 2, **config) -> tuple[MemoryReactorClock, WorkerPool]:
     clock = MemoryReactorClock()
     upstreams = [_upstream(clock, 8083 + i) for i in range(members)]
-    pool_config = PoolConfig(
-        addresses=tuple(u.address for u in upstreams), **config
-    )
+    pool_config = PoolConfig(addresses=tuple(u.address for u in upstreams), **config)
     return clock, WorkerPool("client_reader", pool_config, upstreams, clock)
 
 
@@ -665,7 +673,8 @@ def test_available_leaves_out_members_down_and_excluded():
 def test_members_are_named_by_their_configured_address():
     _clock, pool = make_pool(members=2)
     assert [m.name for m in pool.members] == [
-        b"http://127.0.0.1:8083", b"http://127.0.0.1:8084"
+        b"http://127.0.0.1:8083",
+        b"http://127.0.0.1:8084",
     ]
 
 
@@ -699,11 +708,13 @@ class Deployment:
 
 
 def deploy(pools, routes=(), **workers) -> Deployment:
-    config = parse_config({
-        "listeners": [{"port": 8080}],
-        "upstream": "http://127.0.0.1:8008",
-        "workers": {"pools": pools, "routes": list(routes), **workers},
-    })
+    config = parse_config(
+        {
+            "listeners": [{"port": 8080}],
+            "upstream": "http://127.0.0.1:8008",
+            "workers": {"pools": pools, "routes": list(routes), **workers},
+        }
+    )
     clock = MemoryReactorClock()
     upstreams: dict[str, Upstream] = {}
 
@@ -728,7 +739,9 @@ def facts(
     client_ip: str = "203.0.113.7",
 ) -> RequestFacts:
     path, _, query = target.partition(b"?")
-    return RequestFacts(method, target, path, query, _headers(*authorization), client_ip)
+    return RequestFacts(
+        method, target, path, query, _headers(*authorization), client_ip
+    )
 
 
 MAIN_ADDRESS = "http://127.0.0.1:8008"
@@ -799,10 +812,16 @@ def test_federation_is_balanced_by_origin():
     for origin in (b"a.example", b"b.example", b"c.example:8448"):
         auth = b'X-Matrix origin="%s",key="ed25519:a",sig="x"' % origin
         places = {
-            d.address_of(d.dispatcher.place(facts(
-                b"PUT", b"/_matrix/federation/v1/send/%d" % txn, auth,
-                client_ip=f"192.0.2.{txn}",
-            )))
+            d.address_of(
+                d.dispatcher.place(
+                    facts(
+                        b"PUT",
+                        b"/_matrix/federation/v1/send/%d" % txn,
+                        auth,
+                        client_ip=f"192.0.2.{txn}",
+                    )
+                )
+            )
             for txn in range(5)
         }
         assert places == {hashing.choose(origin, members)}
@@ -824,9 +843,15 @@ def test_balance_overrides_the_policy_of_routes_that_are_not_sticky():
         assert places == {hashing.choose(ip.encode(), members)}
     # ...but room-messages is sticky: by room, whoever asks.
     places = {
-        d.address_of(d.dispatcher.place(facts(
-            b"GET", b"/_matrix/client/v3/rooms/" + R + b"/messages", client_ip=ip
-        )))
+        d.address_of(
+            d.dispatcher.place(
+                facts(
+                    b"GET",
+                    b"/_matrix/client/v3/rooms/" + R + b"/messages",
+                    client_ip=ip,
+                )
+            )
+        )
         for ip in ("198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.4")
     }
     assert places == {hashing.choose(b"!OGEhHVWSdvArJzumhm:example.org", members)}
@@ -841,9 +866,11 @@ def test_balance_overrides_the_policy_of_routes_that_are_not_sticky():
 def test_balance_round_robin_skips_the_whoami_lookup():
     d = deploy({"synchrotron": {"addresses": W[:3], "balance": "round_robin"}})
     places = [
-        d.address_of(d.dispatcher.place(facts(
-            b"GET", b"/_matrix/client/v3/sync?since=s1", b"Bearer syt_alice"
-        )))
+        d.address_of(
+            d.dispatcher.place(
+                facts(b"GET", b"/_matrix/client/v3/sync?since=s1", b"Bearer syt_alice")
+            )
+        )
         for _ in range(6)
     ]
     assert d.whoami.exchanges == []
@@ -893,18 +920,29 @@ def test_a_route_that_names_main_reaches_it_without_fallback():
     d = deploy(
         {"synchrotron": W[:1]},
         routes=[
-            {"name": "admin-here", "pool": "main", "policy": "uri",
-             "fallback": False, "patterns": ["^/_synapse/admin/"]},
-            {"name": "sync-or-main", "pool": ["synchrotron", "main"],
-             "policy": "user", "fallback": False,
-             "patterns": ["^/_matrix/client/v3/sync$"]},
+            {
+                "name": "admin-here",
+                "pool": "main",
+                "policy": "uri",
+                "fallback": False,
+                "patterns": ["^/_synapse/admin/"],
+            },
+            {
+                "name": "sync-or-main",
+                "pool": ["synchrotron", "main"],
+                "policy": "user",
+                "fallback": False,
+                "patterns": ["^/_matrix/client/v3/sync$"],
+            },
         ],
     )
     placed = d.dispatcher.place(facts(b"GET", b"/_synapse/admin/v1/server_version"))
     assert placed.upstream is d.dispatcher.main
     choice = d.dispatcher.explain(facts(b"GET", b"/_synapse/admin/v1/server_version"))
     assert (choice.route.name, choice.pool, choice.fell_back) == (
-        "admin-here", MAIN, False
+        "admin-here",
+        MAIN,
+        False,
     )
     d.down(W[0])
     placed = d.dispatcher.place(facts(b"GET", b"/_matrix/client/v3/sync?since=s"))
@@ -912,15 +950,25 @@ def test_a_route_that_names_main_reaches_it_without_fallback():
 
 
 def test_a_full_member_is_429_with_retry_after():
-    d = deploy({
-        "client_reader": {"addresses": W[:1], "max_concurrent": 2, "queue_timeout": "3s"}
-    })
+    d = deploy(
+        {
+            "client_reader": {
+                "addresses": W[:1],
+                "max_concurrent": 2,
+                "queue_timeout": "3s",
+            }
+        }
+    )
     request = facts(b"GET", b"/_matrix/client/versions")
     leases = [d.dispatcher.place(request) for _ in range(2)]
     assert all(isinstance(lease, Lease) for lease in leases)
     error = d.dispatcher.place(request)
     assert isinstance(error, MatrixError)
-    assert (error.code, error.errcode, error.retry_after) == (429, "M_LIMIT_EXCEEDED", 3)
+    assert (error.code, error.errcode, error.retry_after) == (
+        429,
+        "M_LIMIT_EXCEEDED",
+        3,
+    )
     assert json.loads(error.body()) == {
         "errcode": "M_LIMIT_EXCEEDED",
         "error": "Too many requests",
@@ -931,9 +979,16 @@ def test_a_full_member_is_429_with_retry_after():
 
 
 def test_a_queued_request_that_waits_too_long_is_429():
-    d = deploy({"client_reader": {
-        "addresses": W[:1], "max_concurrent": 1, "queue": 1, "queue_timeout": "2s"
-    }})
+    d = deploy(
+        {
+            "client_reader": {
+                "addresses": W[:1],
+                "max_concurrent": 1,
+                "queue": 1,
+                "queue_timeout": "2s",
+            }
+        }
+    )
     request = facts(b"GET", b"/_matrix/client/versions")
     holder = d.dispatcher.place(request)
     waiting = d.dispatcher.place(request)
@@ -945,38 +1000,77 @@ def test_a_queued_request_that_waits_too_long_is_429():
     holder.release()
 
 
+def _fill(pool) -> list[Lease]:
+    """Take every slot of every member of ``pool``."""
+    held = []
+    for member in pool.members:
+        while (lease := member.lease()) is not None and not isinstance(lease, Deferred):
+            held.append(lease)
+            if member.in_flight >= pool.config.max_concurrent:
+                break
+    return held
+
+
 def test_a_lookup_then_a_full_member_is_refused_after_the_lookup():
-    d = deploy({"synchrotron": {"addresses": W[:1], "max_concurrent": 1}})
+    d = deploy({"synchrotron": {"addresses": W[:2], "max_concurrent": 1}})
     sync = b"/_matrix/client/v3/sync?since=s1"
-    holder = d.dispatcher.place(facts(b"GET", sync))
+    held = _fill(d.dispatcher.pools["synchrotron"])
     placed = d.dispatcher.place(facts(b"GET", sync, b"Bearer syt_alice"))
     d.whoami.exchanges[0].answer(200, _user("@alice:hs"))
     failure = _result(placed)
     assert failure.check(Refused)
     error = refused_error(failure, retry_after=1.0)
     assert (error.code, error.errcode) == (429, "M_LIMIT_EXCEEDED")
-    holder.release()
+    for lease in held:
+        lease.release()
 
 
 def test_a_lookup_then_a_queued_slot():
-    d = deploy({"synchrotron": {"addresses": W[:1], "max_concurrent": 1, "queue": 1}})
+    d = deploy({"synchrotron": {"addresses": W[:2], "max_concurrent": 1, "queue": 1}})
+    pool = d.dispatcher.pools["synchrotron"]
     sync = b"/_matrix/client/v3/sync?since=s1"
-    holder = d.dispatcher.place(facts(b"GET", sync))
+    held = _fill(pool)
     placed = d.dispatcher.place(facts(b"GET", sync, b"Bearer syt_alice"))
     got: list = []
     placed.addBoth(got.append)
     d.whoami.exchanges[0].answer(200, _user("@alice:hs"))
     assert got == []
-    assert d.dispatcher.pools["synchrotron"].queued == 1
-    holder.release()
-    [holder] = got
-    assert d.address_of(holder) == W[0]
+    assert pool.queued == 1
+    for lease in held:
+        lease.release()
+    [lease] = got
+    alice = d.address_of(lease)
+    assert alice in W[:2]
     # Cancelling while queued leaves the queue.
+    lease.release()
+    held = _fill(pool)
     placed = d.dispatcher.place(facts(b"GET", sync, b"Bearer syt_alice"))
-    pool = d.dispatcher.pools["synchrotron"]
     assert pool.queued == 1
     placed.cancel()
     assert pool.queued == 0
+    for lease in held:
+        lease.release()
+
+
+def test_a_pool_of_one_needs_no_lookup():
+    """Whoever the user is, there is one place to go: no whoami to wait
+    for, even with main hung."""
+    d = deploy({"synchrotron": W[:1]})
+    sync = b"/_matrix/client/v3/sync?since=s1"
+    placed = d.dispatcher.place(facts(b"GET", sync, b"Bearer syt_alice"))
+    assert isinstance(placed, Lease)
+    assert d.whoami.exchanges == []
+
+
+def test_tokens_that_are_not_tokens_are_never_looked_up():
+    """Line breaks or spaces in a token (from a decoded query parameter)
+    would otherwise reach main inside the lookup's Authorization header."""
+    d = deploy({"synchrotron": W[:2]})
+    for token in (b"x%0D%0AGET%20/_synapse/admin%20HTTP/1.1", b"a%20b", b"%00"):
+        target = b"/_matrix/client/v3/sync?since=s1&access_token=" + token
+        placed = d.dispatcher.place(facts(b"GET", target))
+        assert isinstance(placed, Lease)
+    assert d.whoami.exchanges == []
 
 
 def test_replacing_excludes_the_members_that_refused():
@@ -998,7 +1092,9 @@ def test_replacing_excludes_the_members_that_refused():
 
 
 def test_replacing_moves_along_the_chain_and_stops_without_fallback():
-    d = deploy({"initial_sync": W[:1], "synchrotron": W[1:2], "media_repository": W[2:4]})
+    d = deploy(
+        {"initial_sync": W[:1], "synchrotron": W[1:2], "media_repository": W[2:4]}
+    )
     initial = facts(b"GET", b"/_matrix/client/v3/sync")
     assert d.address_of(d.dispatcher.place(initial, exclude=[d.member(W[0])])) == W[1]
     media = facts(b"GET", b"/_matrix/media/v3/download/hs/abc")
@@ -1012,7 +1108,7 @@ def test_replacing_moves_along_the_chain_and_stops_without_fallback():
 def test_single_pools_take_their_one_member():
     d = deploy({"typing": W[:1]})
     for i in range(5):
-        placed = d.dispatcher.place(facts(
-            b"PUT", b"/_matrix/client/v3/rooms/!r%d:hs/typing/%%40a%%3Ahs" % i
-        ))
+        placed = d.dispatcher.place(
+            facts(b"PUT", b"/_matrix/client/v3/rooms/!r%d:hs/typing/%%40a%%3Ahs" % i)
+        )
         assert d.address_of(placed) == W[0]
