@@ -6,6 +6,7 @@ import json
 import math
 
 import attrs
+from twisted.web.http import RESPONSES
 from twisted.web.server import Request
 
 # The CORS headers Synapse puts on its own responses, so that browser
@@ -19,6 +20,19 @@ CORS_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     ),
     (b"Access-Control-Expose-Headers", b"Synapse-Trace-Id, Server"),
 )
+
+
+# Phrases of RFC 9110 that Twisted's table lacks or words otherwise.
+_PHRASES = {
+    408: b"Request Timeout",
+    414: b"URI Too Long",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+}
+
+
+def reason_phrase(code: int) -> bytes:
+    return _PHRASES.get(code) or RESPONSES.get(code, b"Error")
 
 
 @attrs.frozen
@@ -90,7 +104,7 @@ def write_error(request: Request, error: MatrixError) -> None:
     benefit (such as a request ID) are kept.
     """
     body = error.body()
-    request.setResponseCode(error.code)
+    request.setResponseCode(error.code, reason_phrase(error.code))
     headers = request.responseHeaders
     headers.setRawHeaders(b"Content-Type", [b"application/json"])
     headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])

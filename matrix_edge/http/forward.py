@@ -129,7 +129,7 @@ class Forwarding:
 
     def _not_placed(self, failure: Failure) -> None:
         self._waiting = None
-        error = refused_error(failure, retry_after=1.0)
+        error = refused_error(failure)
         if error is not None:
             self._refuse(error)
         elif not failure.check(CancelledError):

@@ -31,6 +31,10 @@ FORWARDED_PREFIXES: dict[ListenerType, tuple[bytes, ...]] = {
 
 ADMIN_PREFIX = b"/_synapse/admin"
 
+# Longer request targets get 414, as from nginx with its default buffers;
+# this also bounds what any routing pattern has to scan.
+MAX_TARGET_LENGTH = 8192
+
 # Synapse-internal paths that no public listener ever forwards, whatever
 # else is configured.
 INTERNAL_PREFIXES = (
@@ -109,6 +113,8 @@ class Router:
     ) -> Decision:
         """Decide what happens to a request. The target has been checked
         by nothing yet; every decision below is made on the raw path."""
+        if len(target) > MAX_TARGET_LENGTH:
+            return MatrixError(414, "M_UNKNOWN", "Request target too long")
         problem = check_target(method, target)
         if problem is not None:
             return errors.bad_request(problem)

@@ -11,7 +11,6 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import (
-    RESPONSES,
     HTTPChannel,
     HTTPFactory,
     _GenericHTTPChannelProtocol,
@@ -25,7 +24,7 @@ from matrix_edge.http import errors
 from matrix_edge.http.accesslog import AccessLog, redact_target
 from matrix_edge.http.accesslog_file import AccessLogFile
 from matrix_edge.http.deadlines import HeaderDeadlines
-from matrix_edge.http.errors import MatrixError, write_error
+from matrix_edge.http.errors import MatrixError, reason_phrase, write_error
 from matrix_edge.http.forward import Forwarding
 from matrix_edge.http.headers import client_address, is_trusted
 from matrix_edge.http.request_id import request_id_for
@@ -123,17 +122,9 @@ class EdgeHTTPChannel(HTTPChannel):
         transport_of(self).write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (error.code, _reason_phrase(error.code), len(body), body)
+            % (error.code, reason_phrase(error.code), len(body), body)
         )
         self.loseConnection()
-
-
-# Phrases of RFC 9110 that Twisted's table lacks or words otherwise.
-_PHRASES = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
-
-
-def _reason_phrase(code: int) -> bytes:
-    return _PHRASES.get(code) or RESPONSES.get(code, b"Error")
 
 
 class EdgeRequest(Request):

@@ -201,10 +201,10 @@ def _raise_errors(placed: Placed) -> Lease | Deferred[Lease]:
     return placed
 
 
-def refused_error(failure: Failure, retry_after: float) -> MatrixError | None:
+def refused_error(failure: Failure) -> MatrixError | None:
     """The answer for a placement that failed; None if it was cancelled."""
     if failure.check(Refused):
         return failure.value.error  # type: ignore[union-attr]
     if failure.check(PoolFull):
-        return errors.limit_exceeded(retry_after)
+        return errors.limit_exceeded(failure.value.retry_after)  # type: ignore[union-attr]
     return None

@@ -14,7 +14,11 @@ from matrix_edge.http.upstream import Upstream
 
 
 class PoolFull(Exception):
-    """Every slot is taken and the queue is full, or the wait was too long."""
+    """A queued request waited for a slot longer than the pool allows."""
+
+    def __init__(self, retry_after: float):
+        super().__init__(f"no slot within {retry_after:g}s")
+        self.retry_after = retry_after
 
 
 class Lease:
@@ -90,7 +94,7 @@ class _Waiter:
     def expire(self) -> None:
         if self.take():
             self._leave()
-            self.deferred.errback(PoolFull())
+            self.deferred.errback(PoolFull(self.member.pool.config.queue_timeout))
 
     def _cancel(self, d: Deferred[Lease]) -> None:
         if self.take():
@@ -132,7 +136,6 @@ class WorkerPool:
     def enqueue(self, member: Member) -> Deferred[Lease] | None:
         if self.queued >= self.config.queue:
             return None
-        timer = None
         waiter = _Waiter(member, None)
         timer = self._clock.callLater(self.config.queue_timeout, waiter.expire)
         waiter.timer = timer

@@ -433,3 +433,16 @@ async def _until(predicate, timeout: float = 10.0) -> None:
             raise AssertionError("condition not reached")
         await deferLater(reactor, 0.02, lambda: None)
         waited += 0.02
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_target_longer_than_8_kib_gets_414(make_stack):
+    stack = make_stack()
+    target = b"/_matrix/client/v3/rooms/" + b"x" * 8192
+    response = await deferToThread(exchange, stack.port, _get(target))
+    assert response.status == 414
+    assert json.loads(response.body)["errcode"] == "M_UNKNOWN"
+    assert stack.upstream.requests == []
+    just_fits = b"/_matrix/client/v3/" + b"x" * (8192 - 19)
+    response = await deferToThread(exchange, stack.port, _get(just_fits))
+    assert response.status == 200
