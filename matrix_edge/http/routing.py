@@ -15,6 +15,7 @@ from twisted.web.http_headers import Headers
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.listeners import ListenerConfig, ListenerType
 from matrix_edge.config.maintenance import MaintenanceConfig
+from matrix_edge.config.routes import MAIN
 from matrix_edge.http import errors
 from matrix_edge.http.errors import MatrixError
 from matrix_edge.http.target import check_target, path_has_prefix
@@ -96,7 +97,7 @@ class Router:
         self._listener = listener
         self._config = config
         self._live = live
-        self._upstream = Lease(upstream, "main")
+        self._upstream = Lease(upstream, MAIN)
         self._fallback = Lease(fallback, "fallback") if fallback else None
         self._dispatcher = dispatcher
         self._local_paths = local_paths
@@ -130,7 +131,7 @@ class Router:
         if path_has_prefix(path, ADMIN_PREFIX):
             if not self._listener.admin_allow:
                 return errors.not_found()
-            if not _allowed(client_ip, self._listener):
+            if not admin_allowed(client_ip, self._listener):
                 return errors.forbidden("The admin API is not available from here")
         elif not any(path_has_prefix(path, prefix) for prefix in self._prefixes):
             if self._fallback is not None and not path_has_prefix(path, b"/_synapse"):
@@ -187,7 +188,8 @@ class Router:
         return Forward(lease, limit)
 
 
-def _allowed(client_ip: str, listener: ListenerConfig) -> bool:
+def admin_allowed(client_ip: str, listener: ListenerConfig) -> bool:
+    """Whether ``client_ip`` is in the listener's ``admin_allow``."""
     try:
         address = ipaddress.ip_address(client_ip)
     except ValueError:

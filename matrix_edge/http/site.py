@@ -4,7 +4,7 @@ answers itself, and the request class that streams forwarded bodies."""
 from __future__ import annotations
 
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import connectionDone
@@ -28,7 +28,13 @@ from matrix_edge.http.errors import MatrixError, reason_phrase, write_error
 from matrix_edge.http.forward import Forwarding
 from matrix_edge.http.headers import client_address, is_trusted
 from matrix_edge.http.request_id import request_id_for
-from matrix_edge.http.routing import LOCAL, Forward, LiveSettings, Router
+from matrix_edge.http.routing import (
+    LOCAL,
+    Forward,
+    LiveSettings,
+    Router,
+    admin_allowed,
+)
 from matrix_edge.http.target import split_target
 from matrix_edge.http.transport import (
     ClientSide,
@@ -60,7 +66,13 @@ def local_resources(
     """The paths a listener answers itself, by exact raw path."""
     local: dict[bytes, IResource] = {
         b"/health": HealthResource(),
-        b"/ready": ReadyResource(upstreams, dispatcher),
+        b"/ready": ReadyResource(
+            upstreams,
+            dispatcher,
+            lambda request: admin_allowed(
+                cast(EdgeRequest, request).client_ip, listener
+            ),
+        ),
     }
     if listener.type is ListenerType.CLIENT:
         documents = {

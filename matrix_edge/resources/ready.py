@@ -4,7 +4,7 @@ send traffic elsewhere while this edge's Synapse is down."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -17,18 +17,28 @@ _STATES = {True: "up", False: "down", None: "unknown"}
 
 
 class ReadyResource(Resource):
-    """200 while every upstream's last check passed, and every worker pool
-    has a member up (or main can stand in for it); 503 otherwise. The body
-    names each upstream's and each pool member's state either way."""
+    """200 while every upstream's last check passed, 503 otherwise; the
+    body names each upstream's state either way.
+
+    Worker pools are reported but do not make the edge unready: every edge
+    shares them, so a load balancer taking edges out over a worker's
+    failure would take them all out. Pools with no member up are listed
+    under ``degraded``. Member addresses are internal, and shown only to
+    clients the listener's ``admin_allow`` lets in.
+    """
 
     isLeaf = True
 
     def __init__(
-        self, upstreams: Mapping[str, Upstream], dispatcher: Dispatcher | None = None
+        self,
+        upstreams: Mapping[str, Upstream],
+        dispatcher: Dispatcher | None = None,
+        show_members: Callable[[Request], bool] = lambda request: False,
     ):
         super().__init__()
         self._upstreams = upstreams
         self._dispatcher = dispatcher
+        self._show_members = show_members
 
     def render(self, request: Request) -> bytes:
         if request.method not in (b"GET", b"HEAD"):
@@ -40,9 +50,9 @@ class ReadyResource(Resource):
         ready = all(state == "up" for state in states.values())
         body: dict[str, object] = {"upstreams": states}
         if self._dispatcher is not None:
-            pools, pools_ready = self._pools(self._dispatcher)
+            pools = _pools(self._dispatcher, self._show_members(request))
             body["pools"] = pools
-            ready = ready and pools_ready
+            body["degraded"] = [name for name, pool in pools.items() if not pool["up"]]
         if ready:
             request.setResponseCode(200)
             body["status"] = "ready"
@@ -55,29 +65,20 @@ class ReadyResource(Resource):
             request.responseHeaders.setRawHeaders(name, [value])
         return json.dumps(body).encode()
 
-    @staticmethod
-    def _pools(dispatcher: Dispatcher) -> tuple[dict[str, object], bool]:
-        """Each pool's members; ready unless a pool that main cannot stand
-        in for (media, SSO) has no member up."""
-        needed = {
-            pool
-            for route in dispatcher.table.routes
-            if not route.fallback
-            for pool in route.pools
+
+def _pools(dispatcher: Dispatcher, members: bool) -> dict[str, dict[str, object]]:
+    report: dict[str, dict[str, object]] = {}
+    for name, pool in dispatcher.pools.items():
+        entry: dict[str, object] = {
+            "up": sum(1 for m in pool.members if m.upstream.healthy),
+            "size": len(pool.members),
         }
-        report: dict[str, object] = {}
-        ready = True
-        for name, pool in dispatcher.pools.items():
-            up = sum(1 for member in pool.members if member.upstream.healthy)
-            report[name] = {
-                "up": up,
-                "members": {
-                    str(m.upstream.address): _STATES[m.upstream.healthy]
-                    for m in pool.members
-                },
-                "in_flight": sum(m.in_flight for m in pool.members),
-                "queued": pool.queued,
+        if members:
+            entry["members"] = {
+                str(m.upstream.address): _STATES[m.upstream.healthy]
+                for m in pool.members
             }
-            if up == 0 and name in needed:
-                ready = False
-        return report, ready
+            entry["in_flight"] = sum(m.in_flight for m in pool.members)
+            entry["queued"] = pool.queued
+        report[name] = entry
+    return report

@@ -67,6 +67,7 @@ def worker_stack() -> Iterator[Any]:
     def make(
         pools: dict[str, int],
         limits: dict[str, dict[str, Any]] | None = None,
+        listener: dict[str, Any] | None = None,
         **workers_extra: Any,
     ) -> WorkerStack:
         """Pools of that many recording workers each; ``limits`` adds the
@@ -86,7 +87,12 @@ def worker_stack() -> Iterator[Any]:
         config = parse_config(
             {
                 "listeners": [
-                    {"port": 1, "bind_addresses": ["127.0.0.1"], "type": "client"}
+                    {
+                        "port": 1,
+                        "bind_addresses": ["127.0.0.1"],
+                        "type": "client",
+                        **(listener or {}),
+                    }
                 ],
                 "upstream": f"http://127.0.0.1:{main_port.getHost().port}",
                 "workers": {
@@ -275,11 +281,37 @@ async def test_federation_send_is_balanced_by_origin(worker_stack):
 
 @pytest_twisted.ensureDeferred
 async def test_the_readiness_endpoint_reports_each_pool(worker_stack):
-    stack = worker_stack({"synchrotron": 2})
+    """Pools are reported, their addresses only to admin_allow clients, and
+    a pool with no member up leaves the edge ready (every edge shares it)."""
+    stack = worker_stack({"synchrotron": 2, "media_repository": 1})
+    for upstream in (
+        stack.dispatcher.main,
+        *(m.upstream for p in stack.dispatcher.pools.values() for m in p.members),
+    ):
+        upstream.mark(True)
+    media = stack.dispatcher.pools["media_repository"].members[0].upstream
+    media.mark(False)
     response = await _send(stack, b"GET", b"/ready")
+    assert response.status == 200
     body = json.loads(response.body)
-    assert set(body["pools"]) == {"synchrotron"}
-    assert len(body["pools"]["synchrotron"]["members"]) == 2
+    assert body["pools"] == {
+        "synchrotron": {"up": 2, "size": 2},
+        "media_repository": {"up": 0, "size": 1},
+    }
+    assert body["degraded"] == ["media_repository"]
+    assert "127.0.0.1" not in response.body.decode()
+    stack.dispatcher.main.mark(False)
+    response = await _send(stack, b"GET", b"/ready")
+    assert response.status == 503
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_readiness_endpoint_shows_members_to_admins(worker_stack):
+    stack = worker_stack({"synchrotron": 2}, listener={"admin_allow": ["127.0.0.0/8"]})
+    response = await _send(stack, b"GET", b"/ready")
+    pool = json.loads(response.body)["pools"]["synchrotron"]
+    assert len(pool["members"]) == 2
+    assert pool["in_flight"] == 0 and pool["queued"] == 0
 
 
 async def _until(condition: Any) -> None:
@@ -305,9 +337,9 @@ SLOW_ROUTE = {
 async def test_a_full_pool_queues_then_answers_429(worker_stack):
     stack = worker_stack(
         {"client_reader": 1},
-        limits={"client_reader": {
-            "max_concurrent": 1, "queue": 1, "queue_timeout": "60s"
-        }},
+        limits={
+            "client_reader": {"max_concurrent": 1, "queue": 1, "queue_timeout": "60s"}
+        },
         routes=[SLOW_ROUTE],
     )
     worker = stack.workers["client_reader"][0]
@@ -338,7 +370,8 @@ async def test_a_full_pool_queues_then_answers_429(worker_stack):
         response = await deferToThread(read_response, queued)
         assert response.status == 200
         assert [rec.target for rec in worker.requests] == [
-            b"/_matrix/hang?m=h1", b"/_matrix/status?m=q1"
+            b"/_matrix/hang?m=h1",
+            b"/_matrix/status?m=q1",
         ]
         await _until(lambda: pool.members[0].in_flight == 0)
         assert pool.queued == 0
@@ -378,7 +411,8 @@ async def test_the_access_log_names_pool_and_worker(worker_stack):
         entry = by_marker[f"log{i}"]
         worker = addresses[stack.landed(b"m=log%d" % i)]
         assert (entry["access"]["pool"], entry["access"]["worker"]) == (
-            "synchrotron", worker
+            "synchrotron",
+            worker,
         )
         assert "(upstream " in entry["access_line"]
         assert f"sec via synchrotron {worker}) " in entry["access_line"]
@@ -386,6 +420,7 @@ async def test_the_access_log_names_pool_and_worker(worker_stack):
         assert b"tok-user%d" % i not in repr(entry).encode()
     main = by_marker["log-main"]
     assert (main["access"]["pool"], main["access"]["worker"]) == (
-        "main", str(stack.config.upstream)
+        "main",
+        str(stack.config.upstream),
     )
     assert f" via main {stack.config.upstream}) " in main["access_line"]

@@ -107,7 +107,7 @@ def test_routes_and_their_roles():
 
 def test_correctness_flags():
     """Stream writers and SSO need their single process, pagination needs one
-    process per room; media and SSO never go to main."""
+    process per room; media, SSO, typing and push rules never go to main."""
     assert {r.name for r in SHIPPED.routes if r.sticky} == {
         "typing",
         "to-device",
@@ -118,7 +118,14 @@ def test_correctness_flags():
         "sso",
         "room-messages",
     }
-    assert {r.name for r in SHIPPED.routes if not r.fallback} == {"sso", "media"}
+    # Synapse's main process raises on /typing and push rule changes unless
+    # it is their writer.
+    assert {r.name for r in SHIPPED.routes if not r.fallback} == {
+        "sso",
+        "media",
+        "typing",
+        "push-rules",
+    }
 
 
 @pytest.mark.parametrize(
