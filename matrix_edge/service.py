@@ -341,7 +341,8 @@ def make_dispatcher(
     for name, pool in workers.pools.items():
         members = [upstream_for(address) for address in pool.addresses]
         for member in members:
-            member.pool = name
+            # A process may serve several pools (one writer of two streams).
+            member.pool = name if member.pool is None else f"{member.pool}, {name}"
         pools[name] = WorkerPool(name, pool, members, reactor)
     table = effective_table(shipped_table(), workers.routes, pools)
     whoami = WhoamiCache(reactor, main, workers.whoami_cache)

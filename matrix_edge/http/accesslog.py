@@ -4,8 +4,8 @@ a JSON object for log shippers."""
 from __future__ import annotations
 
 import json
-import re
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 
@@ -16,14 +16,29 @@ from matrix_edge.pools.keys import xmatrix_origin
 if TYPE_CHECKING:
     from matrix_edge.http.site import EdgeRequest
 
-_SECRET_PARAMS = re.compile(rb"(?<=[?&])(access_token|client_secret)=[^&]*")
+# Query parameters whose values never reach a log.
+_SECRETS = frozenset({b"access_token", b"client_secret"})
 
 
 def redact_target(target: bytes) -> str:
     """The request target for logs: access tokens and client secrets in the
-    query replaced by ``<redacted>``."""
-    redacted = _SECRET_PARAMS.sub(rb"\1=<redacted>", target)
-    return redacted.decode("ascii", "backslashreplace")
+    query replaced by ``<redacted>``, however their names are escaped."""
+    path, question, query = target.partition(b"?")
+    if query:
+        query = b"&".join(_redacted(part) for part in query.split(b"&"))
+    return (path + question + query).decode("ascii", "backslashreplace")
+
+
+def _redacted(part: bytes) -> bytes:
+    name, equals, _value = part.partition(b"=")
+    if not equals:
+        return part
+    if b"%" in name or b"+" in name:
+        # As Synapse reads it: `access%5Ftoken` is `access_token`.
+        name_read = unquote_to_bytes(name.replace(b"+", b" "))
+    else:
+        name_read = name
+    return name + b"=<redacted>" if name_read in _SECRETS else part
 
 
 class AccessLog:

@@ -67,7 +67,8 @@ class Upstream:
         """Whether active checks run, and so will notice a recovery."""
         self.on_state_change: list[Callable[[bool, str], None]] = []
         self.pool: str | None = None
-        """The worker pool this process belongs to; None for main."""
+        """The worker pools this process belongs to, for logs; None for
+        main."""
 
     # Health --------------------------------------------------------------
 

@@ -31,7 +31,9 @@ def access_token(headers: Headers, query: bytes) -> bytes | None:
         m = _BEARER.match(value)
         if m:
             return m.group(1)
-    if b"access_token=" in query:
+    if query:
+        # Parsed, not searched: the name may be escaped (`access%5Ftoken`),
+        # and Synapse would still read it.
         token = parse_query(query).get(b"access_token")
         if token:
             return token

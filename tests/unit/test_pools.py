@@ -1112,3 +1112,8 @@ def test_single_pools_take_their_one_member():
             facts(b"PUT", b"/_matrix/client/v3/rooms/!r%d:hs/typing/%%40a%%3Ahs" % i)
         )
         assert d.address_of(placed) == W[0]
+
+
+def test_an_escaped_parameter_name_still_names_the_token():
+    headers = Headers()
+    assert access_token(headers, b"since=s&access%5Ftoken=syt_x") == b"syt_x"

@@ -18,8 +18,21 @@ from matrix_edge.http.target import check_target, path_has_prefix, split_target
 
 @pytest.mark.parametrize(
     "target",
-    [b"/", b"/_matrix", b"/a/b%2Fc", b"/a//b/", b"/a/b?", b"/a?x=%0A", b"/a/...",
-     b"/a/.b", b"/a/b.", b"/a/%2e%2e%2e", b"/a;p", b"/%7E", b"/a/%C3%A9"],
+    [
+        b"/",
+        b"/_matrix",
+        b"/a/b%2Fc",
+        b"/a//b/",
+        b"/a/b?",
+        b"/a?x=%0A",
+        b"/a/...",
+        b"/a/.b",
+        b"/a/b.",
+        b"/a/%2e%2e%2e",
+        b"/a;p",
+        b"/%7E",
+        b"/a/%C3%A9",
+    ],
 )
 def test_accepted_targets(target):
     assert check_target(b"GET", target) is None
@@ -77,7 +90,9 @@ def test_path_has_prefix():
 
 def test_connection_tokens():
     assert connection_tokens([b"keep-alive, X-Foo", b" Upgrade "]) == {
-        b"keep-alive", b"x-foo", b"upgrade"
+        b"keep-alive",
+        b"x-foo",
+        b"upgrade",
     }
     assert connection_tokens(None) == frozenset()
 
@@ -96,19 +111,24 @@ def test_filter_headers_keeps_repeats_and_drops_hop_by_hop():
         (b"Set-Cookie", b"b=2"),
     ]
     assert filter_headers(headers) == [
-        (b"Accept", b"a"), (b"Accept", b"b"), (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"),
+        (b"Accept", b"a"),
+        (b"Accept", b"b"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
     ]
 
 
 def test_upstream_headers_replace_forwarding_headers():
-    client = Headers({
-        b"Host": [b"hs:8443"],
-        b"X-Forwarded-For": [b"1.1.1.1", b"2.2.2.2"],
-        b"X-Forwarded-Proto": [b"http"],
-        b"Forwarded": [b"for=1.1.1.1"],
-        b"X-Real-IP": [b"1.1.1.1"],
-        b"Expect": [b"100-continue"],
-    })
+    client = Headers(
+        {
+            b"Host": [b"hs:8443"],
+            b"X-Forwarded-For": [b"1.1.1.1", b"2.2.2.2"],
+            b"X-Forwarded-Proto": [b"http"],
+            b"Forwarded": [b"for=1.1.1.1"],
+            b"X-Real-IP": [b"1.1.1.1"],
+            b"Expect": [b"100-continue"],
+        }
+    )
     out = upstream_request_headers(
         client, b"203.0.113.1", b"https", request_id=(b"X-Request-ID", b"abc")
     )
@@ -122,8 +142,14 @@ def test_upstream_headers_replace_forwarding_headers():
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [(b"1.2.3.4", "1.2.3.4"), (b" ::1 ", "::1"), (b"::ffff:10.0.0.1", "10.0.0.1"),
-     (b"[2001:db8::1]", "2001:db8::1"), (b"unknown", None), (b"\xff", None)],
+    [
+        (b"1.2.3.4", "1.2.3.4"),
+        (b" ::1 ", "::1"),
+        (b"::ffff:10.0.0.1", "10.0.0.1"),
+        (b"[2001:db8::1]", "2001:db8::1"),
+        (b"unknown", None),
+        (b"\xff", None),
+    ],
 )
 def test_parse_ip(text, expected):
     address = parse_ip(text)
@@ -136,14 +162,14 @@ TRUSTED = [__import__("ipaddress").ip_network(n) for n in ("10.0.0.0/8", "::1/12
 @pytest.mark.parametrize(
     ("peer", "xff", "expected"),
     [
-        ("203.0.113.5", [b"6.6.6.6"], "203.0.113.5"),          # untrusted peer: ignore XFF
-        ("::ffff:203.0.113.5", None, "203.0.113.5"),            # mapped address normalised
-        ("10.0.0.2", None, "10.0.0.2"),                          # trusted but nothing sent
+        ("203.0.113.5", [b"6.6.6.6"], "203.0.113.5"),  # untrusted peer: ignore XFF
+        ("::ffff:203.0.113.5", None, "203.0.113.5"),  # mapped address normalised
+        ("10.0.0.2", None, "10.0.0.2"),  # trusted but nothing sent
         ("10.0.0.2", [b"6.6.6.6"], "6.6.6.6"),
-        ("10.0.0.2", [b"6.6.6.6, 7.7.7.7"], "7.7.7.7"),        # rightmost untrusted wins
+        ("10.0.0.2", [b"6.6.6.6, 7.7.7.7"], "7.7.7.7"),  # rightmost untrusted wins
         ("10.0.0.2", [b"6.6.6.6", b"7.7.7.7, 10.9.9.9"], "7.7.7.7"),
-        ("10.0.0.2", [b"10.1.1.1, 10.2.2.2"], "10.1.1.1"),     # all trusted: leftmost
-        ("10.0.0.2", [b"6.6.6.6, garbage"], "10.0.0.2"),        # unparsable hop: stop
+        ("10.0.0.2", [b"10.1.1.1, 10.2.2.2"], "10.1.1.1"),  # all trusted: leftmost
+        ("10.0.0.2", [b"6.6.6.6, garbage"], "10.0.0.2"),  # unparsable hop: stop
         ("::1", [b"::ffff:8.8.8.8"], "8.8.8.8"),
     ],
 )
@@ -155,14 +181,29 @@ def test_redaction():
     assert redact_target(b"/sync?access_token=syt_abc&since=1") == (
         "/sync?access_token=<redacted>&since=1"
     )
-    assert redact_target(b"/x?a=1&client_secret=s3cr3t") == "/x?a=1&client_secret=<redacted>"
+    assert (
+        redact_target(b"/x?a=1&client_secret=s3cr3t")
+        == "/x?a=1&client_secret=<redacted>"
+    )
     assert redact_target(b"/x?my_access_token=keep") == "/x?my_access_token=keep"
+    # Escaped names are read by Synapse all the same.
+    assert redact_target(b"/s?access%5Ftoken=SECRET&x=1") == (
+        "/s?access%5Ftoken=<redacted>&x=1"
+    )
+    assert redact_target(b"/s?client%5fsecret=S&access_token") == (
+        "/s?client%5fsecret=<redacted>&access_token"
+    )
+    assert redact_target(b"/s?") == "/s?"
 
 
 @pytest.mark.parametrize(
     ("peer", "expected"),
-    [("203.0.113.5", "203.0.113.5"), ("::ffff:203.0.113.5", "203.0.113.5"),
-     ("2001:db8::1", "2001:db8::1"), ("::ffff:0:1", "::ffff:0:1")],
+    [
+        ("203.0.113.5", "203.0.113.5"),
+        ("::ffff:203.0.113.5", "203.0.113.5"),
+        ("2001:db8::1", "2001:db8::1"),
+        ("::ffff:0:1", "::ffff:0:1"),
+    ],
 )
 def test_client_address_without_trusted_proxies(peer, expected):
     assert client_address(peer, [b"6.6.6.6"], []) == expected
