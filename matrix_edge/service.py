@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -35,10 +35,7 @@ from matrix_edge.http.accesslog_file import AccessLogFile
 from matrix_edge.http.routing import LiveSettings
 from matrix_edge.http.site import EdgeSite
 from matrix_edge.http.upstream import Upstream
-from matrix_edge.pools.dispatch import Dispatcher
-from matrix_edge.pools.pool import WorkerPool
-from matrix_edge.pools.table import effective_table, shipped_table
-from matrix_edge.pools.whoami import WhoamiCache
+from matrix_edge.pools.dispatch import make_dispatcher
 from matrix_edge.tls import ServerTLS, SighupService, TLSConfigError
 from matrix_edge.upstream_watch import UpstreamWatch
 from matrix_edge.workers import InheritedSocket, WorkerSupervisor
@@ -265,7 +262,7 @@ def make_service(
     synapse = upstream_for(config.upstream)
     dispatcher = None
     if config.workers.enabled:
-        dispatcher = make_dispatcher(config, reactor, synapse, upstream_for)
+        dispatcher = make_dispatcher(config.workers, reactor, synapse, upstream_for)
     live = LiveSettings(config.maintenance)
     access_file = None
     if config.access_log.enabled and config.access_log.path is not None:
@@ -326,27 +323,6 @@ def make_service(
         supervisor.setServiceParent(top)
         reloader.add_callback(supervisor.reload)
     return top
-
-
-def make_dispatcher(
-    config: EdgeConfig,
-    reactor: Any,
-    main: Upstream,
-    upstream_for: Callable[[UpstreamAddress], Upstream],
-) -> Dispatcher:
-    """The worker pools of ``config`` and the table that routes to them;
-    every member is an upstream of its own, checked like main."""
-    workers = config.workers
-    pools = {}
-    for name, pool in workers.pools.items():
-        members = [upstream_for(address) for address in pool.addresses]
-        for member in members:
-            # A process may serve several pools (one writer of two streams).
-            member.pool = name if member.pool is None else f"{member.pool}, {name}"
-        pools[name] = WorkerPool(name, pool, members, reactor)
-    table = effective_table(shipped_table(), workers.routes, pools)
-    whoami = WhoamiCache(reactor, main, workers.whoami_cache)
-    return Dispatcher(table, pools, main, whoami)
 
 
 def reload_settings(config_path: str, running: EdgeConfig, live: LiveSettings) -> bool:

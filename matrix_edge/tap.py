@@ -146,22 +146,14 @@ def _migrate(options: Any) -> None:
 def _dry_run(config: EdgeConfig, command: str, options: Any) -> None:
     from twisted.internet import reactor
 
-    from matrix_edge.http.upstream import Upstream
-    from matrix_edge.pools.explain import describe_table, explain_route, lookup_user
-    from matrix_edge.service import make_dispatcher
-
-    upstreams: dict[Any, Upstream] = {}
-
-    def upstream_for(address: Any) -> Upstream:
-        if address not in upstreams:
-            upstreams[address] = Upstream(
-                reactor, address, config.upstream_pool, config.timeouts
-            )
-        return upstreams[address]
-
-    dispatcher = make_dispatcher(
-        config, reactor, upstream_for(config.upstream), upstream_for
+    from matrix_edge.pools.explain import (
+        describe_table,
+        dispatcher_for,
+        explain_route,
+        lookup_user,
     )
+
+    dispatcher = dispatcher_for(config, reactor)
     if command == "routes":
         sys.stdout.write(describe_table(dispatcher, config))
         raise SystemExit(0)

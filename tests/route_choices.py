@@ -8,30 +8,18 @@ the same.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from matrix_edge.config.edge import load_config
-from matrix_edge.http.upstream import Upstream
+from matrix_edge.pools import explain
 from matrix_edge.pools.dispatch import Dispatcher
 from matrix_edge.pools.explain import explain_route
-from matrix_edge.service import make_dispatcher
 
 
 def dispatcher_for(config_path: str) -> Dispatcher:
     """The dispatcher ``twistd matrix-edge route`` builds; nothing connects."""
     from twisted.internet import reactor
 
-    config = load_config(config_path)
-    upstreams: dict[Any, Upstream] = {}
-
-    def upstream_for(address: Any) -> Upstream:
-        if address not in upstreams:
-            upstreams[address] = Upstream(
-                reactor, address, config.upstream_pool, config.timeouts
-            )
-        return upstreams[address]
-
-    return make_dispatcher(config, reactor, upstream_for(config.upstream), upstream_for)
+    return explain.dispatcher_for(load_config(config_path), reactor)
 
 
 def requests(count: int) -> list[tuple[str, str, dict[str, str]]]:

@@ -4,21 +4,24 @@ with a healthy member, then the member by the route's policy."""
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from matrix_edge.config.routes import MAIN, Policy, Route
+from matrix_edge.config.upstream import UpstreamAddress
+from matrix_edge.config.workers import WorkersConfig
 from matrix_edge.http import errors
 from matrix_edge.http.errors import MatrixError
 from matrix_edge.http.upstream import Upstream
 from matrix_edge.pools import hashing
 from matrix_edge.pools.keys import access_token, room_key, xmatrix_origin
 from matrix_edge.pools.pool import Lease, Member, PoolFull, WorkerPool
-from matrix_edge.pools.table import RouteTable
+from matrix_edge.pools.table import RouteTable, effective_table, shipped_table
 from matrix_edge.pools.whoami import WhoamiCache, token_digest
 
 Placed = Lease | Deferred[Lease] | MatrixError
@@ -208,3 +211,25 @@ def refused_error(failure: Failure) -> MatrixError | None:
     if failure.check(PoolFull):
         return errors.limit_exceeded(failure.value.retry_after)  # type: ignore[union-attr]
     return None
+
+
+def make_dispatcher(
+    config: WorkersConfig,
+    reactor: IReactorTime,
+    main: Upstream,
+    upstream_for: Callable[[UpstreamAddress], Upstream],
+) -> Dispatcher:
+    """The worker pools of ``config`` and the table that routes to them.
+    ``upstream_for`` gives each member its upstream, which the caller
+    checks like main's."""
+    workers = config
+    pools = {}
+    for name, pool in workers.pools.items():
+        members = [upstream_for(address) for address in pool.addresses]
+        for member in members:
+            # A process may serve several pools (one writer of two streams).
+            member.pool = name if member.pool is None else f"{member.pool}, {name}"
+        pools[name] = WorkerPool(name, pool, members, reactor)
+    table = effective_table(shipped_table(), workers.routes, pools)
+    whoami = WhoamiCache(reactor, main, workers.whoami_cache)
+    return Dispatcher(table, pools, main, whoami)

@@ -4,16 +4,37 @@ printed for an operator checking a deployment before it takes traffic."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.routes import MAIN, Route
+from matrix_edge.config.upstream import UpstreamAddress
 from matrix_edge.http.target import check_target, split_target
-from matrix_edge.pools.dispatch import Dispatcher, RequestFacts
+from matrix_edge.http.upstream import Upstream
+from matrix_edge.pools.dispatch import Dispatcher, RequestFacts, make_dispatcher
 from matrix_edge.pools.table import shipped_table
 from matrix_edge.pools.whoami import token_digest
+
+
+def dispatcher_for(config: EdgeConfig, reactor: Any) -> Dispatcher:
+    """The dispatcher of ``config``, as the edge builds it, without the
+    health checks: for the dry run, which connects to nothing unless asked
+    to look up a token."""
+    upstreams: dict[UpstreamAddress, Upstream] = {}
+
+    def upstream_for(address: UpstreamAddress) -> Upstream:
+        if address not in upstreams:
+            upstreams[address] = Upstream(
+                reactor, address, config.upstream_pool, config.timeouts
+            )
+        return upstreams[address]
+
+    return make_dispatcher(
+        config.workers, reactor, upstream_for(config.upstream), upstream_for
+    )
 
 
 def explain_route(

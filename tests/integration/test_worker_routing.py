@@ -21,7 +21,7 @@ from matrix_edge.config.edge import EdgeConfig, parse_config
 from matrix_edge.http.site import EdgeSite
 from matrix_edge.http.upstream import Upstream
 from matrix_edge.pools.dispatch import Dispatcher
-from matrix_edge.service import make_dispatcher
+from matrix_edge.pools.dispatch import make_dispatcher
 from tests.rawhttp import connect, exchange, read_response
 from tests.recording_upstream import RecordingUpstreamFactory
 
@@ -115,7 +115,9 @@ def worker_stack() -> Iterator[Any]:
             return made[address]
 
         main_upstream = upstream_for(config.upstream)
-        dispatcher = make_dispatcher(config, reactor, main_upstream, upstream_for)
+        dispatcher = make_dispatcher(
+            config.workers, reactor, main_upstream, upstream_for
+        )
         site = EdgeSite(
             config.listeners[0], config, main_upstream, reactor, dispatcher=dispatcher
         )

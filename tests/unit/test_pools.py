@@ -43,7 +43,7 @@ from matrix_edge.pools.whoami import (
     WhoamiCache,
     token_digest,
 )
-from matrix_edge.service import make_dispatcher
+from matrix_edge.pools.dispatch import make_dispatcher
 
 # Rendezvous hashing
 
@@ -725,7 +725,7 @@ def deploy(pools, routes=(), **workers) -> Deployment:
         )
 
     dispatcher = make_dispatcher(
-        config, clock, upstream_for(config.upstream), upstream_for
+        config.workers, clock, upstream_for(config.upstream), upstream_for
     )
     whoami = FakeUpstream()
     dispatcher.whoami = WhoamiCache(clock, whoami, config.workers.whoami_cache)
