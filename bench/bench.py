@@ -128,6 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "share of the work (default 1; the others always run one process)",
     )
     parser.add_argument(
+        "--workers",
+        action="store_true",
+        help="give matrix-edge a `workers:` section whose client_reader pool "
+        "is the same upstream, so every request goes through the routing "
+        "table and a pool lease (the others are unchanged)",
+    )
+    parser.add_argument(
         "--keep-logs",
         action="store_true",
         help="keep bench/results/run/ (configs and logs)",
@@ -155,6 +162,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         access_log=not args.no_access_log,
         quick=quick,
         processes=max(1, args.processes),
+        workers=args.workers,
     )
 
 
@@ -291,7 +299,9 @@ def run_suite(
     speaks_h2: dict[str, bool] = {}
     cert = make_certificate(run)
     proxies = [
-        make_proxy(name, run, cert, settings.access_log, settings.processes)
+        make_proxy(
+            name, run, cert, settings.access_log, settings.processes, settings.workers
+        )
         for name in proxy_names
     ]
     throughput = [s for s in scenarios if s.kind == "throughput"]
@@ -331,10 +341,11 @@ def scan_logs(proxies: list[Proxy]) -> list[str]:
 
 def heading(settings: Settings, environment: dict[str, str], started: str) -> str:
     log_state = "on" if settings.access_log else "off"
+    workers = "; matrix-edge routes through a worker pool" if settings.workers else ""
     return (
         f"matrix-edge benchmark {started}, commit {environment['commit']}; "
         f"{settings.rounds} round(s) x {settings.duration:g}s, warm-up {settings.warmup:g}s, "
-        f"access logs {log_state}; servers on CPU 0, load on CPU 1\n"
+        f"access logs {log_state}; servers on CPU 0, load on CPU 1{workers}\n"
         "Medians over rounds; (N.NNx) = median over rounds of the ratio to nginx in the same round."
     )
 

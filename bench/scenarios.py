@@ -140,6 +140,9 @@ class Settings:
     processes: int = 1
     """matrix-edge's ``processes``."""
 
+    workers: bool = False
+    """matrix-edge routes through a worker pool (the same upstream)."""
+
 
 def log(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)

@@ -279,6 +279,7 @@ class MatrixEdge(Proxy):
 
     name: str = "matrix-edge"
     processes: int = 1
+    workers: bool = False
 
     def config_suffix(self) -> str:
         return "yaml"
@@ -307,6 +308,11 @@ class MatrixEdge(Proxy):
             "timeouts": {"upstream_response": "180s"},
             "processes": self.processes,
         }
+        if self.workers:
+            # /_matrix/client/versions is a client_reader route: the table
+            # is matched and a lease taken for every request.
+            upstream = f"http://{HOST}:{upstream_port}"
+            config["workers"] = {"pools": {"client_reader": [upstream]}}
         # JSON is YAML, and needs no YAML library here.
         return json.dumps(config, indent=2) + "\n"
 
@@ -482,6 +488,7 @@ def make_proxy(
     cert: tuple[Path, Path, Path],
     access_log: bool,
     processes: int = 1,
+    workers: bool = False,
 ) -> Proxy:
     plain, tls = PROXY_PORTS[name]
     proxy = PROXY_CLASSES[name](
@@ -489,4 +496,5 @@ def make_proxy(
     )
     if isinstance(proxy, MatrixEdge):
         proxy.processes = processes
+        proxy.workers = workers
     return proxy
