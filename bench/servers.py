@@ -452,15 +452,55 @@ class HAProxy(Proxy):
         return ["haproxy", "-db", "-f", str(config)]
 
 
+@dataclass
+class Floor(Proxy):
+    """One of bench/floors.py's stand-ins: what CPython and Twisted cost
+    before any proxy feature. Throughput scenarios only."""
+
+    throughput_only = True
+
+    def config_text(self, upstream_port: int) -> str:
+        return f"{upstream_port}\n"
+
+    def argv(self, config: Path) -> list[str]:
+        cert, key, _ = self.cert
+        upstream_port = config.read_text().strip()
+        script = Path(__file__).with_name("floors.py")
+        return [
+            sys.executable,
+            str(script),
+            self.name,
+            str(self.plain_port),
+            str(self.tls_port),
+            str(cert),
+            str(key),
+            upstream_port,
+        ]
+
+
+@dataclass
+class RawProxyFloor(Floor):
+    name: str = "raw-proxy"
+
+
+@dataclass
+class TwistedWebFloor(Floor):
+    name: str = "twisted-web"
+
+
 PROXY_CLASSES: dict[str, type[Proxy]] = {
     "matrix-edge": MatrixEdge,
     "nginx": Nginx,
     "haproxy": HAProxy,
+    "raw-proxy": RawProxyFloor,
+    "twisted-web": TwistedWebFloor,
 }
 PROXY_PORTS = {
     "matrix-edge": (24100, 24101),
     "nginx": (24200, 24201),
     "haproxy": (24300, 24301),
+    "raw-proxy": (24400, 24401),
+    "twisted-web": (24500, 24501),
 }
 
 
