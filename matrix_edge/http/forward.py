@@ -64,10 +64,10 @@ class Forwarding:
         self._replace = replace
         self._refused: list[Upstream] = []
         self._lease: Lease | None = None
-        self._upstream: Upstream | None = None
+        """The last process chosen; released once its exchange is over
+        (releasing twice is harmless)."""
         self._waiting: Deferred[Lease] | None = None
         self._headers: HeaderList = []
-        self._pool: str | None = None
         self._clock = clock
         self._timeouts = timeouts
         self._max_body_size = max_body_size
@@ -103,12 +103,12 @@ class Forwarding:
     @property
     def upstream(self) -> Upstream | None:
         """The process the request went to, once chosen."""
-        return self._upstream
+        return self._lease.upstream if self._lease is not None else None
 
     @property
     def pool(self) -> str | None:
         """The pool of that process."""
-        return self._pool
+        return self._lease.pool if self._lease is not None else None
 
     def _place(self, placed: Placed) -> None:
         if isinstance(placed, Lease):
@@ -146,17 +146,14 @@ class Forwarding:
 
     def _send(self, lease: Lease) -> None:
         self._lease = lease
-        self._pool = lease.pool
-        upstream = self._upstream = lease.upstream
         request = self._request
-        self._exchange = upstream.request(
+        self._exchange = lease.upstream.request(
             request.method, request.uri, self._headers, self._body, self
         )
 
     def _release(self) -> None:
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            lease.release()
+        if self._lease is not None:
+            self._lease.release()
 
     def body_chunk(self, data: bytes) -> None:
         self._body_size += len(data)
@@ -184,8 +181,8 @@ class Forwarding:
         self._responding = True
         self._cancel(self._response_timer)
         self.upstream_seconds = self._clock.seconds() - self._started_at
-        assert self._upstream is not None
-        self._upstream.mark(True)
+        assert self._lease is not None
+        self._lease.upstream.mark(True)
         request = self._request
         if request.finished or request.is_disconnected:
             return
@@ -227,7 +224,7 @@ class Forwarding:
             log.warn(
                 "Upstream {upstream} broke off the response to {method} "
                 "{target}: {reason}",
-                upstream=str(self._upstream.address if self._upstream else "-"),
+                upstream=str(self.upstream.address if self.upstream else "-"),
                 method=request.log_method,
                 target=request.log_target,
                 reason=reason,
@@ -237,7 +234,7 @@ class Forwarding:
     def upstream_failed(self, reason: Failure, timed_out: bool = False) -> None:
         self._exchange = None
         self._release()
-        upstream = self._upstream
+        upstream = self.upstream
         where = str(upstream.address) if upstream is not None else "(none chosen)"
         request = self._request
         if request.finished or request.is_disconnected:

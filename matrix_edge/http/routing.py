@@ -148,10 +148,11 @@ class Router:
             if _MEDIA_UPLOAD.match(path)
             else self._config.max_request_size
         )
-        if length is not None and length > limit:
-            return errors.too_large(limit)
         if self._dispatcher is None:
             return self._forward(self._upstream, limit, length)
+        if length is not None and length > limit:
+            # Refused before a worker is chosen, so that no slot is taken.
+            return errors.too_large(limit)
         return self._to_worker(method, target, path, headers, client_ip, limit)
 
     def _to_worker(

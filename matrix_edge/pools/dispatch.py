@@ -79,7 +79,7 @@ class Dispatcher:
         route = self.table.match(facts.method, facts.path, facts.query)
         if route is None:
             return self._main_lease
-        pool, policy = self._pool_for(route, exclude)
+        pool, policy, members = self._pool_for(route, exclude)
         if pool is None:
             # A chain that names main reaches it, whatever `fallback` says.
             if route.fallback or MAIN in route.pools:
@@ -87,7 +87,6 @@ class Dispatcher:
             return errors.unavailable(
                 "No server is available for this request at the moment", 5
             )
-        members = pool.available(exclude)
         if len(members) == 1 or policy is Policy.SINGLE:
             # No key can change the choice: no whoami lookup to wait for.
             return self._lease(pool, members[0])
@@ -108,39 +107,41 @@ class Dispatcher:
         route = self.table.match(facts.method, facts.path, facts.query)
         if route is None:
             return Choice(None, MAIN, None, None, None)
-        pool, policy = self._pool_for(route, ())
+        pool, policy, members = self._pool_for(route, ())
         if pool is None:
             fell_back = route.pools[0] != MAIN
             return Choice(route, MAIN, None, None, None, fell_back=fell_back)
-        members = pool.available()
-        key: bytes | Deferred[bytes] | None
-        if policy is Policy.USER:
-            token = access_token(facts.headers, facts.query)
-            key = user or (token_digest(token) if token else facts.client_ip.encode())
+        if policy is Policy.USER and user:
+            key: bytes | Deferred[bytes] | None = user
         else:
-            key = self._key(policy, facts)
+            key = self._key(policy, facts, lookup=False)
         assert not isinstance(key, Deferred)
         return Choice(route, pool.name, policy, key, _pick(pool, policy, key, members))
 
     def _pool_for(
         self, route: Route, exclude: Collection[Upstream]
-    ) -> tuple[WorkerPool | None, Policy]:
+    ) -> tuple[WorkerPool | None, Policy, list[Member]]:
+        """The first pool of the route's chain with a member available, its
+        policy and those members; no pool when main takes the request."""
         for name in route.pools:
             if name == MAIN:
-                return None, route.policy
+                break
             pool = self.pools[name]
-            if pool.available(exclude):
+            members = pool.available(exclude)
+            if members:
                 balance = pool.config.balance
                 if balance is None or route.sticky:
-                    return pool, route.policy
-                return pool, balance
-        return None, route.policy
+                    return pool, route.policy, members
+                return pool, balance, members
+        return None, route.policy, []
 
     def _key(
-        self, policy: Policy, facts: RequestFacts
+        self, policy: Policy, facts: RequestFacts, lookup: bool = True
     ) -> bytes | Deferred[bytes] | None:
+        """The balancing key; with ``lookup`` false, a token's digest
+        stands in for a user not already known."""
         if policy is Policy.USER:
-            return self._user_key(facts)
+            return self._user_key(facts, lookup)
         if policy is Policy.ROOM:
             return room_key(facts.path) or facts.target
         if policy is Policy.ORIGIN:
@@ -154,13 +155,13 @@ class Dispatcher:
             return facts.client_ip.encode()
         return None
 
-    def _user_key(self, facts: RequestFacts) -> bytes | Deferred[bytes]:
+    def _user_key(self, facts: RequestFacts, lookup: bool) -> bytes | Deferred[bytes]:
         token = access_token(facts.headers, facts.query)
         if token is None:
             return facts.client_ip.encode()
         digest = token_digest(token)
         whoami = self.whoami
-        if whoami is None or not _LOOKUP_SAFE.match(token):
+        if not lookup or whoami is None or not _LOOKUP_SAFE.match(token):
             # A token that is not one (line breaks, spaces) is never sent
             # anywhere: its digest is key enough.
             return digest
@@ -222,14 +223,13 @@ def make_dispatcher(
     """The worker pools of ``config`` and the table that routes to them.
     ``upstream_for`` gives each member its upstream, which the caller
     checks like main's."""
-    workers = config
     pools = {}
-    for name, pool in workers.pools.items():
+    for name, pool in config.pools.items():
         members = [upstream_for(address) for address in pool.addresses]
         for member in members:
             # A process may serve several pools (one writer of two streams).
             member.pool = name if member.pool is None else f"{member.pool}, {name}"
         pools[name] = WorkerPool(name, pool, members, reactor)
-    table = effective_table(shipped_table(), workers.routes, pools)
-    whoami = WhoamiCache(reactor, main, workers.whoami_cache)
+    table = effective_table(shipped_table(), config.routes, pools)
+    whoami = WhoamiCache(reactor, main, config.whoami_cache)
     return Dispatcher(table, pools, main, whoami)

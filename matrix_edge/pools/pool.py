@@ -77,9 +77,9 @@ class Member:
 
 
 class _Waiter:
-    def __init__(self, member: Member, timer: IDelayedCall | None):
+    def __init__(self, member: Member):
         self.member = member
-        self.timer = timer
+        self.timer: IDelayedCall | None = None
         self.deferred: Deferred[Lease] = Deferred(self._cancel)
         self.done = False
 
@@ -136,9 +136,8 @@ class WorkerPool:
     def enqueue(self, member: Member) -> Deferred[Lease] | None:
         if self.queued >= self.config.queue:
             return None
-        waiter = _Waiter(member, None)
-        timer = self._clock.callLater(self.config.queue_timeout, waiter.expire)
-        waiter.timer = timer
+        waiter = _Waiter(member)
+        waiter.timer = self._clock.callLater(self.config.queue_timeout, waiter.expire)
         member.waiting.append(waiter)
         self.queued += 1
         return waiter.deferred

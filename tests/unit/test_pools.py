@@ -31,6 +31,7 @@ from matrix_edge.pools.dispatch import (
     Dispatcher,
     Refused,
     RequestFacts,
+    make_dispatcher,
     refused_error,
 )
 from matrix_edge.pools.keys import access_token, room_key, xmatrix_origin
@@ -43,7 +44,6 @@ from matrix_edge.pools.whoami import (
     WhoamiCache,
     token_digest,
 )
-from matrix_edge.pools.dispatch import make_dispatcher
 
 # Rendezvous hashing
 
