@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 
 from matrix_edge.config.access_log import AccessLogConfig, AccessLogFormat
 from matrix_edge.http.accesslog_file import AccessLogFile
+from matrix_edge.http.target import decode_query_component
 from matrix_edge.pools.keys import xmatrix_origin
 
 if TYPE_CHECKING:
@@ -33,12 +33,10 @@ def _redacted(part: bytes) -> bytes:
     name, equals, _value = part.partition(b"=")
     if not equals:
         return part
-    if b"%" in name or b"+" in name:
-        # As Synapse reads it: `access%5Ftoken` is `access_token`.
-        name_read = unquote_to_bytes(name.replace(b"+", b" "))
-    else:
-        name_read = name
-    return name + b"=<redacted>" if name_read in _SECRETS else part
+    # As Synapse reads it: `access%5Ftoken` is `access_token`.
+    if decode_query_component(name) in _SECRETS:
+        return name + b"=<redacted>"
+    return part
 
 
 class AccessLog:

@@ -8,6 +8,7 @@ have to rewrite is refused instead.
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote_to_bytes
 
 # Origin-form only: a slash, then visible ASCII. No spaces, controls, DEL,
 # non-ASCII bytes or '#', which never belong in a request target.
@@ -58,3 +59,22 @@ def path_has_prefix(path: bytes, prefix: bytes) -> bool:
     """True when ``path`` is ``prefix`` or lies below it (``/_matrix`` matches
     ``/_matrix/client`` but not ``/_matrixfoo``)."""
     return path == prefix or path.startswith(prefix + b"/")
+
+
+def decode_query_component(raw: bytes) -> bytes:
+    """A raw query parameter name or value as a server reads it: ``+`` a
+    space, ``%xx`` a byte."""
+    if b"%" not in raw and b"+" not in raw:
+        return raw
+    return unquote_to_bytes(raw.replace(b"+", b" "))
+
+
+def parse_query(query: bytes) -> dict[bytes, bytes]:
+    """The first value of each parameter of a raw query string, decoded."""
+    params: dict[bytes, bytes] = {}
+    for part in query.split(b"&"):
+        if not part:
+            continue
+        name, _, value = part.partition(b"=")
+        params.setdefault(decode_query_component(name), decode_query_component(value))
+    return params

@@ -12,7 +12,7 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.web.http_headers import Headers
 
-from matrix_edge.pools.table import parse_query
+from matrix_edge.http.target import parse_query
 
 # The path segment naming a room (or a room alias, or a user for profiles).
 _ROOM_SEGMENT = re.compile(rb"/(?:rooms|join|knock|profile)/([^/?]+)")

@@ -12,13 +12,13 @@ import functools
 import re
 from collections.abc import Collection, Sequence
 from importlib import resources
-from urllib.parse import unquote_to_bytes
 
 import attrs
 import yaml
 
 from matrix_edge.config._base import read_mapping, read_sequence, read_str
 from matrix_edge.config.routes import MAIN, Route, parse_route
+from matrix_edge.http.target import parse_query
 
 SHIPPED_TABLE = "synapse_routes.yaml"
 
@@ -110,18 +110,6 @@ def _holds(value: bytes | None, expected: bytes | None) -> bool:
     if expected is None:
         return not value
     return value == expected
-
-
-def parse_query(query: bytes) -> dict[bytes, bytes]:
-    """The first value of each parameter of a raw query string, decoded."""
-    params: dict[bytes, bytes] = {}
-    for part in query.split(b"&"):
-        if not part:
-            continue
-        name, _, value = part.partition(b"=")
-        name = unquote_to_bytes(name.replace(b"+", b" "))
-        params.setdefault(name, unquote_to_bytes(value.replace(b"+", b" ")))
-    return params
 
 
 @functools.cache
