@@ -209,16 +209,7 @@ class Homeserver:
             group.extra_logs.append(self.shim_log_path)
         self.edge = group.start(
             f"{label}-matrix-edge",
-            [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "-n",
-                "--pidfile=",
-                "matrix-edge",
-                "--config",
-                str(self.edge_config_path),
-            ],
+            edge_argv(self.edge_config_path),
             cwd=self.directory,
         )
 
@@ -351,3 +342,19 @@ _GENEROUS_RATE_LIMITS: dict[str, Any] = {
         "concurrent": 100,
     },
 }
+
+
+def edge_argv(config_path: Path, *args: str) -> list[str]:
+    """``twistd -n matrix-edge --config CONFIG ARGS`` with this Python, in
+    the foreground and without a pidfile."""
+    return [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        "matrix-edge",
+        "--config",
+        str(config_path),
+        *args,
+    ]

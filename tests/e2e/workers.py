@@ -28,7 +28,6 @@ import secrets
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 import attrs
 import yaml
 
-from tests.e2e.homeserver import SYNAPSE_PORT, Homeserver, http_ok
+from tests.e2e.homeserver import SYNAPSE_PORT, Homeserver, edge_argv, http_ok
 from tests.e2e.processes import Process, ProcessGroup, wait_for
 
 MAIN = "main"
@@ -454,17 +453,7 @@ class WorkersHomeserver(Homeserver):
 
     def edge_command(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "-n",
-                "--pidfile=",
-                "matrix-edge",
-                "--config",
-                str(self.edge_config_path),
-                *args,
-            ],
+            edge_argv(self.edge_config_path, *args),
             capture_output=True,
             text=True,
             stdin=subprocess.DEVNULL,
