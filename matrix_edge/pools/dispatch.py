@@ -161,7 +161,7 @@ class Dispatcher:
             return facts.client_ip.encode()
         digest = token_digest(token)
         whoami = self.whoami
-        if not lookup or whoami is None or not _LOOKUP_SAFE.match(token):
+        if not lookup or whoami is None or not may_look_up(token):
             # A token that is not one (line breaks, spaces) is never sent
             # anywhere: its digest is key enough.
             return digest
@@ -179,6 +179,12 @@ class Dispatcher:
         if lease is None:
             return errors.limit_exceeded(pool.config.queue_timeout)
         return lease
+
+
+def may_look_up(token: bytes) -> bool:
+    """Whether ``token`` may be sent to whoami: one with line breaks or
+    spaces is not a token, and must not reach a request head."""
+    return _LOOKUP_SAFE.match(token) is not None
 
 
 def _pick(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.web.http_headers import Headers
 
 from matrix_edge.config.edge import EdgeConfig
@@ -14,7 +14,12 @@ from matrix_edge.config.routes import MAIN, Route
 from matrix_edge.config.upstream import UpstreamAddress
 from matrix_edge.http.target import check_target, split_target
 from matrix_edge.http.upstream import Upstream
-from matrix_edge.pools.dispatch import Dispatcher, RequestFacts, make_dispatcher
+from matrix_edge.pools.dispatch import (
+    Dispatcher,
+    RequestFacts,
+    make_dispatcher,
+    may_look_up,
+)
 from matrix_edge.pools.table import shipped_table
 from matrix_edge.pools.whoami import token_digest
 
@@ -149,8 +154,11 @@ def _describe(route: Route, source: str) -> Iterator[str]:
 
 
 def lookup_user(dispatcher: Dispatcher, token: str) -> Deferred[bytes | None]:
-    """Ask main's whoami which user ``token`` belongs to."""
+    """Ask main's whoami which user ``token`` belongs to, under the edge's
+    own rule for which tokens may be sent."""
     whoami = dispatcher.whoami
     assert whoami is not None
     raw = token.encode()
+    if not may_look_up(raw):
+        return succeed(None)
     return whoami.lookup(raw, token_digest(raw), b"127.0.0.1")

@@ -1117,3 +1117,11 @@ def test_single_pools_take_their_one_member():
 def test_an_escaped_parameter_name_still_names_the_token():
     headers = Headers()
     assert access_token(headers, b"since=s&access%5Ftoken=syt_x") == b"syt_x"
+
+
+def test_the_dry_run_never_sends_a_token_that_is_not_one():
+    from matrix_edge.pools.explain import lookup_user
+
+    d = deploy({"synchrotron": W[:2]})
+    assert _result(lookup_user(d.dispatcher, "x\r\nGET /a HTTP/1.1")) is None
+    assert d.whoami.exchanges == []
