@@ -10,11 +10,17 @@ and cancelled per request, keeps the cost per request to two dict updates.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 T = TypeVar("T", bound=Hashable)
+
+
+class SlowHeaders(Hashable, Protocol):
+    """A client connection (HTTP/1.1 or HTTP/2) whose deadline can pass."""
+
+    def headers_too_slow(self) -> None: ...
 
 
 class HeaderDeadlines(Generic[T]):

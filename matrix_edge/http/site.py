@@ -6,15 +6,11 @@ from __future__ import annotations
 from io import BytesIO
 from typing import Any, cast
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import (
-    HTTPChannel,
-    HTTPFactory,
-    _GenericHTTPChannelProtocol,
-)
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
@@ -23,7 +19,7 @@ from matrix_edge.config.listeners import ListenerConfig, ListenerType
 from matrix_edge.http import errors
 from matrix_edge.http.accesslog import AccessLog, redact_target
 from matrix_edge.http.accesslog_file import AccessLogFile
-from matrix_edge.http.deadlines import HeaderDeadlines
+from matrix_edge.http.deadlines import HeaderDeadlines, SlowHeaders
 from matrix_edge.http.errors import MatrixError, reason_phrase, write_error
 from matrix_edge.http.forward import Forwarding
 from matrix_edge.http.headers import client_address, is_trusted
@@ -47,6 +43,9 @@ from matrix_edge.pools.dispatch import Dispatcher
 from matrix_edge.resources.health import HealthResource
 from matrix_edge.resources.ready import ReadyResource
 from matrix_edge.resources.well_known import WellKnownResource
+from matrix_edge.server.alpn import NegotiatedProtocol
+from matrix_edge.server.h2 import H2ServerProtocol, H2Settings
+from matrix_edge.server.h2_channel import H2RequestChannel
 
 # After an early answer, how long the rest of an unwanted upload is read and
 # dropped before the connection is closed. Closing at once, with unread data
@@ -337,7 +336,7 @@ class EdgeRequest(Request):
     def _maybe_finish(self) -> None:
         if self.finished or self._disconnected or not self._response_done:
             return
-        if self.body_complete:
+        if self.body_complete or not self.client_side.lingers:
             self._cancel_linger()
             self.finish()
         elif self._linger is None:
@@ -356,17 +355,11 @@ class EdgeRequest(Request):
         self._linger = None
 
 
-def _edge_channel(factory: HTTPFactory) -> _GenericHTTPChannelProtocol:
-    """Twisted's protocol that becomes HTTP/2 when TLS negotiates ``h2``,
-    around our HTTP/1.1 channel otherwise."""
-    return _GenericHTTPChannelProtocol(EdgeHTTPChannel())
-
-
 class EdgeSite(Site):
     """The site for one listener."""
 
     requestFactory = EdgeRequest  # type: ignore[assignment]
-    protocol = _edge_channel
+    protocol = EdgeHTTPChannel  # type: ignore[assignment]
     displayTracebacks = False
     noisy = False
 
@@ -403,9 +396,39 @@ class EdgeSite(Site):
             dispatcher,
         )
         self.access_log = AccessLog(listener.tag, config.access_log, access_log_file)
-        self.header_deadlines: HeaderDeadlines[EdgeHTTPChannel] = HeaderDeadlines(
-            clock, config.timeouts.request_headers, EdgeHTTPChannel.headers_too_slow
+        self.header_deadlines: HeaderDeadlines[SlowHeaders] = HeaderDeadlines(
+            clock,
+            config.timeouts.request_headers,
+            lambda connection: connection.headers_too_slow(),
         )
+        self._h2_settings = H2Settings()
+
+    def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:  # type: ignore[override]
+        """HTTP/1.1 on a listener without HTTP/2; otherwise the protocol
+        that ALPN chose, once TLS has negotiated it."""
+        if not self.listener.http2:
+            return super().buildProtocol(addr)
+        return NegotiatedProtocol(
+            lambda: super(EdgeSite, self).buildProtocol(addr),
+            self._http2_protocol,
+            self.clock,
+            self.config.timeouts.client_idle,
+        )
+
+    def _http2_protocol(self) -> H2ServerProtocol:
+        return H2ServerProtocol(
+            lambda stream: H2RequestChannel(stream, self),
+            self.clock,
+            self._h2_settings,
+            self.config.timeouts.client_idle,
+            self.header_deadlines,
+            self._fresh_request_id,
+        )
+
+    def _fresh_request_id(self) -> list[tuple[bytes, bytes]]:
+        """The request ID header of an answer given without a request."""
+        request_id = request_id_for(None, trusted=False).encode()
+        return [(self.request_id_header.lower(), request_id)]
 
     def getResourceFor(self, request: Request) -> IResource:
         # Local resources are found by the raw path, as routing decided;

@@ -13,6 +13,9 @@ from typing import Any, Protocol, cast
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
+from matrix_edge.server.h2 import ErrorCodes
+from matrix_edge.server.h2_channel import H2RequestChannel
+
 
 class _Transport(Protocol):
     def write(self, data: bytes) -> None: ...
@@ -36,6 +39,12 @@ class ClientSide(Protocol):
     def close_after_response(self, request: Request) -> None:
         """Make this the last response on the connection, where that is
         how an unread request body is disposed of."""
+
+    @property
+    def lingers(self) -> bool:
+        """Whether a complete response waits for the rest of the request
+        body before it counts as finished (HTTP/1.1, where the body must be
+        read off the connection); HTTP/2 ends the stream at once."""
 
     def stop_lingering(self) -> None:
         """Give up on a request body that the client is still sending after
@@ -65,6 +74,8 @@ def transport_of(channel: HTTPChannel) -> _Transport:
 
 
 class HTTP11Side:
+    lingers = True
+
     def __init__(self, channel: HTTPChannel):
         self._channel = channel
 
@@ -102,37 +113,40 @@ class HTTP11Side:
 
 
 class HTTP2Side:
-    """One HTTP/2 stream. Its transport methods act on the stream alone:
-    pausing withholds flow-control credit, aborting sends RST_STREAM."""
+    """One HTTP/2 stream. Its methods act on the stream alone: pausing
+    withholds flow-control credit, aborting sends RST_STREAM."""
 
-    def __init__(self, stream: Any):
-        self._stream = stream
+    lingers = False
+
+    def __init__(self, channel: H2RequestChannel):
+        self._channel = channel
+        self._stream = channel.stream
 
     def request_line(self) -> tuple[bytes, bytes, bytes]:
-        return self._stream.command, self._stream.path, b"HTTP/2"
+        return self._channel.method, self._channel.target, b"HTTP/2"
 
     def pause_reading(self) -> None:
-        self._stream.pauseProducing()
+        self._stream.pause_reading()
 
     def resume_reading(self) -> None:
-        self._stream.resumeProducing()
+        self._stream.resume_reading()
 
     def close_after_response(self, request: Request) -> None:
         # The stream ends by itself; other streams on the connection go on.
         pass
 
     def stop_lingering(self) -> None:
-        self._stream.abortConnection()
+        self._stream.reset(ErrorCodes.NO_ERROR)
 
     def abort(self) -> None:
-        self._stream.abortConnection()
+        self._stream.reset(ErrorCodes.CANCEL)
 
     def cut_short(self, framed: bool) -> None:
         # Without END_STREAM, an HTTP/2 response is never complete.
-        self._stream.abortConnection()
+        self._stream.reset(ErrorCodes.INTERNAL_ERROR)
 
 
 def client_side(channel: Any) -> ClientSide:
-    if isinstance(channel, HTTPChannel):
-        return HTTP11Side(channel)
-    return HTTP2Side(channel)
+    if isinstance(channel, H2RequestChannel):
+        return HTTP2Side(channel)
+    return HTTP11Side(channel)

@@ -80,7 +80,7 @@ def test_request_bytes_and_response_relayed():
         b"Host: hs.example:8443\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
     )
     upstream = h.connect_upstream()
-    request_id = h.channel._channel.requests[0].request_id.encode()
+    request_id = h.channel.requests[0].request_id.encode()
     assert upstream.value() == (
         b"GET /_matrix/client/v3/rooms/%21r%3Ah/x? HTTP/1.1\r\n"
         b"Host: hs.example:8443\r\n"

@@ -1,0 +1,1 @@
+"""Client connections: the protocols that speak HTTP to clients."""

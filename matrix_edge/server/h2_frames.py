@@ -1,0 +1,69 @@
+"""Where a client is in its HTTP/2 byte stream: inside a header block or not.
+
+h2 holds a header block back until its last CONTINUATION frame, so the
+protocol cannot see one arrive slowly. This reads just the 9-byte frame
+headers as the bytes go by, so that the header deadline can cover the
+connection preface and every header block, as it covers HTTP/1.1 heads.
+"""
+
+from __future__ import annotations
+
+PREFACE_LENGTH = 24
+_FRAME_HEADER = 9
+_HEADERS = 0x1
+_PUSH_PROMISE = 0x5
+_CONTINUATION = 0x9
+_END_HEADERS = 0x4
+
+
+class HeaderBlockWatch:
+    """Follows frame boundaries; :meth:`feed` says whether the client is in
+    the middle of the preface or of a header block."""
+
+    def __init__(self) -> None:
+        self._preface_left = PREFACE_LENGTH
+        self._partial = b""
+        """The start of a frame header split across reads."""
+        self._payload_left = 0
+        self._in_block = False
+        """A HEADERS frame without END_HEADERS was seen, and no CONTINUATION
+        with it since."""
+        self._block_ends = False
+        """The frame being read ends the header block it belongs to."""
+
+    def feed(self, data: bytes) -> bool:
+        position = 0
+        size = len(data)
+        if self._preface_left:
+            taken = min(self._preface_left, size)
+            self._preface_left -= taken
+            position = taken
+            if self._preface_left:
+                return True
+        while position < size:
+            if self._payload_left:
+                taken = min(self._payload_left, size - position)
+                self._payload_left -= taken
+                position += taken
+                if not self._payload_left and self._block_ends:
+                    self._in_block = self._block_ends = False
+                continue
+            need = _FRAME_HEADER - len(self._partial)
+            header = self._partial + data[position : position + need]
+            position += len(header) - len(self._partial)
+            if len(header) < _FRAME_HEADER:
+                self._partial = header
+                return True
+            self._partial = b""
+            self._frame(header)
+        return self._in_block or bool(self._partial)
+
+    def _frame(self, header: bytes) -> None:
+        length = int.from_bytes(header[:3], "big")
+        kind, flags = header[3], header[4]
+        if kind in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
+            self._in_block = True
+            self._block_ends = bool(flags & _END_HEADERS)
+        self._payload_left = length
+        if not length and self._block_ends:
+            self._in_block = self._block_ends = False
