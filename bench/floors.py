@@ -101,9 +101,7 @@ class _Client(Protocol):
             self.upstream.transport.loseConnection()
 
 
-SMALL_BODY = (
-    b'{"versions":["v1.1","v1.2","v1.3","v1.4","v1.5"],"unstable_features":{}}'
-)
+SMALL_BODY = b'{"versions":["v1.1","v1.2","v1.3","v1.4","v1.5"],"unstable_features":{}}'
 LARGE_BODY = bytes(range(256)) * (64 * 1024 // 256)
 
 

@@ -33,7 +33,9 @@ class Stream:
 
 
 class H2Client:
-    def __init__(self, port: int, host: str = "127.0.0.1", server_hostname: str = "localhost"):
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", server_hostname: str = "localhost"
+    ):
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -57,28 +59,43 @@ class H2Client:
             pass
         self.sock.close()
 
-    def start(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]] = (),
-              end_stream: bool = True, **stream_options) -> int:
+    def start(
+        self,
+        method: bytes,
+        path: bytes,
+        headers: list[tuple[bytes, bytes]] = (),
+        end_stream: bool = True,
+        **stream_options,
+    ) -> int:
         stream_id = self.conn.get_next_available_stream_id()
         self.streams[stream_id] = Stream(**stream_options)
         self.conn.send_headers(
             stream_id,
-            [(b":method", method), (b":path", path), (b":scheme", b"https"),
-             (b":authority", b"matrix.test"), *headers],
+            [
+                (b":method", method),
+                (b":path", path),
+                (b":scheme", b"https"),
+                (b":authority", b"matrix.test"),
+                *headers,
+            ],
             end_stream=end_stream,
         )
         self._flush()
         return stream_id
 
-    def send_body(self, stream_id: int, size: int,
-                  between: Callable[[int], None] | None = None) -> None:
+    def send_body(
+        self, stream_id: int, size: int, between: Callable[[int], None] | None = None
+    ) -> None:
         """Send ``size`` bytes on a stream as flow control allows, then end
         it; ``between(sent_so_far)`` runs after every frame."""
         block = b"u" * self.conn.max_outbound_frame_size
         sent = 0
         while sent < size:
-            n = min(self.conn.local_flow_control_window(stream_id),
-                    self.conn.max_outbound_frame_size, size - sent)
+            n = min(
+                self.conn.local_flow_control_window(stream_id),
+                self.conn.max_outbound_frame_size,
+                size - sent,
+            )
             if n <= 0:
                 self._read_once()
                 continue
@@ -96,7 +113,9 @@ class H2Client:
         stream.withhold_credit = False
         owed = stream.received - 0
         if owed and not stream.ended:
-            self.conn.increment_flow_control_window(min(owed, 2**31 - 1 - 65535), stream_id)
+            self.conn.increment_flow_control_window(
+                min(owed, 2**31 - 1 - 65535), stream_id
+            )
             self._flush()
 
     def until(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -110,7 +129,9 @@ class H2Client:
 
     def request(self, method: bytes, path: bytes, **options) -> Stream:
         stream_id = self.start(method, path, **options)
-        self.until(lambda: self.streams[stream_id].ended or self.streams[stream_id].reset)
+        self.until(
+            lambda: self.streams[stream_id].ended or self.streams[stream_id].reset
+        )
         return self.streams[stream_id]
 
     def _read_once(self) -> None:
@@ -127,9 +148,13 @@ class H2Client:
                 if stream.keep_body:
                     stream.body += event.data
                 if stream.withhold_credit:
-                    self.conn.increment_flow_control_window(event.flow_controlled_length)
+                    self.conn.increment_flow_control_window(
+                        event.flow_controlled_length
+                    )
                 else:
-                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    self.conn.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id
+                    )
             elif isinstance(event, h2.events.StreamEnded) and stream:
                 stream.ended = True
             elif isinstance(event, h2.events.StreamReset) and stream:

@@ -25,8 +25,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0,
-                  process: subprocess.Popen | None = None) -> None:
+def wait_for_port(
+    port: int,
+    host: str = "127.0.0.1",
+    timeout: float = 20.0,
+    process: subprocess.Popen | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -72,7 +76,9 @@ def start(argv: Sequence[str], log_path: Path) -> Process:
 
 
 def start_upstream(port: int, log_path: Path) -> Process:
-    process = start([sys.executable, "-m", "tests.recording_upstream", str(port)], log_path)
+    process = start(
+        [sys.executable, "-m", "tests.recording_upstream", str(port)], log_path
+    )
     wait_for_port(port, process=process.popen)
     return process
 
@@ -82,7 +88,9 @@ def write_config(path: Path, document: dict) -> Path:
     return path
 
 
-def start_edge(config_path: Path, log_path: Path, wait: tuple[str, int] | None = None) -> Process:
+def start_edge(
+    config_path: Path, log_path: Path, wait: tuple[str, int] | None = None
+) -> Process:
     process = start(
         [TWISTD, "-n", "--pidfile=", "matrix-edge", "--config", str(config_path)],
         log_path,

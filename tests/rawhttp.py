@@ -28,8 +28,11 @@ class RawResponse:
 
 
 def connect(
-    port: int, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None,
-    server_hostname: str | None = None, timeout: float = 30.0,
+    port: int,
+    host: str = "127.0.0.1",
+    tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    timeout: float = 30.0,
 ) -> socket.socket:
     sock = socket.create_connection((host, port), timeout=timeout)
     if tls is not None:
@@ -56,8 +59,13 @@ def read_response(sock: socket.socket, method: str = "GET") -> RawResponse:
     )
 
 
-def exchange(port: int, raw: bytes, host: str = "127.0.0.1", method: str = "GET",
-             tls: ssl.SSLContext | None = None) -> RawResponse:
+def exchange(
+    port: int,
+    raw: bytes,
+    host: str = "127.0.0.1",
+    method: str = "GET",
+    tls: ssl.SSLContext | None = None,
+) -> RawResponse:
     """Send ``raw`` as it is, and read one response."""
     with connect(port, host, tls) as sock:
         sock.sendall(raw)

@@ -94,7 +94,8 @@ SEED_LISTENERS = {
     "relayd": {443: "client", 8448: "federation"},
 }
 SEED_UPSTREAM = {
-    key: "unix:/run/synapse/main_public.sock" if key == "haproxy-single-port"
+    key: "unix:/run/synapse/main_public.sock"
+    if key == "haproxy-single-port"
     else "http://127.0.0.1:8008"
     for key in PAGES
 }
@@ -241,11 +242,15 @@ class Certificates:
         name = _certificate_name(entry["certificate_path"])
         slug = name.replace(".", "-")
         if name not in self._leaves:
-            self._leaves[name] = self.pki.issue_leaf(slug, hostnames=[name], ip_addresses=[])
+            self._leaves[name] = self.pki.issue_leaf(
+                slug, hostnames=[name], ip_addresses=[]
+            )
         leaf = self._leaves[name]
         if entry["certificate_path"] == entry["private_key_path"]:
             combined = self.pki.directory / f"{slug}.combined.pem"
-            combined.write_bytes(leaf.chain_path.read_bytes() + leaf.key_path.read_bytes())
+            combined.write_bytes(
+                leaf.chain_path.read_bytes() + leaf.key_path.read_bytes()
+            )
             entry["certificate_path"] = entry["private_key_path"] = str(combined)
         else:
             entry["certificate_path"] = str(leaf.chain_path)
@@ -281,7 +286,9 @@ class Recorder:
         return out
 
 
-def start_recorder(directory: Path, name: str, unix_path: str | None = None) -> Recorder:
+def start_recorder(
+    directory: Path, name: str, unix_path: str | None = None
+) -> Recorder:
     journal = directory / f"{name}.journal"
     if unix_path is not None:
         where, address = unix_path, f"unix:{unix_path}"
@@ -302,13 +309,23 @@ def start_recorder(directory: Path, name: str, unix_path: str | None = None) -> 
     return Recorder(process, journal, address)
 
 
-def start_static_web_server(directory: Path, root: Path) -> tuple[processes.Process, str]:
+def start_static_web_server(
+    directory: Path, root: Path
+) -> tuple[processes.Process, str]:
     """Python's http.server on ``root``: a web server that answers 404 for
     any file it does not have."""
     port = processes.free_port()
     process = processes.start(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-         "--directory", str(root)],
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(root),
+        ],
         directory / "web.log",
     )
     try:
@@ -319,7 +336,9 @@ def start_static_web_server(directory: Path, root: Path) -> tuple[processes.Proc
     return process, f"http://127.0.0.1:{port}"
 
 
-def _wait_for_unix_socket(path: str, process: processes.Process, timeout: float = 20.0) -> None:
+def _wait_for_unix_socket(
+    path: str, process: processes.Process, timeout: float = 20.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.popen.poll() is not None:
@@ -335,9 +354,19 @@ def _wait_for_unix_socket(path: str, process: processes.Process, timeout: float 
 
 def check_config(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [processes.TWISTD, "-n", "--pidfile=", "matrix-edge", "--config", str(path),
-         "--check-config"],
-        capture_output=True, text=True, timeout=60, cwd=processes.REPO,
+        [
+            processes.TWISTD,
+            "-n",
+            "--pidfile=",
+            "matrix-edge",
+            "--config",
+            str(path),
+            "--check-config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=processes.REPO,
     )
 
 
@@ -359,16 +388,24 @@ class Stack:
     """Port in the page -> the names of its certificates, default first."""
 
     def listener(self, seed_port: int) -> dict[str, Any]:
-        [listener] = [entry for entry in self.original["listeners"] if entry["port"] == seed_port]
+        [listener] = [
+            entry for entry in self.original["listeners"] if entry["port"] == seed_port
+        ]
         return listener
 
     def ports_of(self, listener_type: str) -> list[int]:
-        return [entry["port"] for entry in self.original["listeners"]
-                if entry.get("type", "client") == listener_type]
+        return [
+            entry["port"]
+            for entry in self.original["listeners"]
+            if entry.get("type", "client") == listener_type
+        ]
 
     def addresses(self, seed_port: int) -> list[str]:
-        [listener] = [entry for entry in self.document["listeners"]
-                      if entry["port"] == self.ports[seed_port]]
+        [listener] = [
+            entry
+            for entry in self.document["listeners"]
+            if entry["port"] == self.ports[seed_port]
+        ]
         return list(listener["bind_addresses"])
 
     def sni(self, seed_port: int) -> str:
@@ -379,22 +416,39 @@ class Stack:
         context.set_alpn_protocols(list(alpn))
         return context
 
-    def send(self, seed_port: int, raw: bytes, host: str = "127.0.0.1",
-             sni: str | None = None, method: str = "GET") -> RawResponse:
+    def send(
+        self,
+        seed_port: int,
+        raw: bytes,
+        host: str = "127.0.0.1",
+        sni: str | None = None,
+        method: str = "GET",
+    ) -> RawResponse:
         sni = sni or self.sni(seed_port)
-        with connect(self.ports[seed_port], host, self.context(), server_hostname=sni) as sock:
+        with connect(
+            self.ports[seed_port], host, self.context(), server_hostname=sni
+        ) as sock:
             sock.sendall(raw)
             return read_response(sock, method)
 
-    def get(self, seed_port: int, target: str, host_header: str | None = None,
-            extra: str = "", host: str = "127.0.0.1", sni: str | None = None) -> RawResponse:
+    def get(
+        self,
+        seed_port: int,
+        target: str,
+        host_header: str | None = None,
+        extra: str = "",
+        host: str = "127.0.0.1",
+        sni: str | None = None,
+    ) -> RawResponse:
         host_header = host_header or self.sni(seed_port)
         raw = f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\n{extra}\r\n".encode()
         return self.send(seed_port, raw, host=host, sni=sni)
 
 
 def rewrite_for_loopback(
-    original: dict[str, Any], certificates: Certificates, upstream: str,
+    original: dict[str, Any],
+    certificates: Certificates,
+    upstream: str,
     fallback: str | None,
 ) -> tuple[dict[str, Any], dict[int, int], dict[int, list[str]]]:
     document = copy.deepcopy(original)
@@ -407,7 +461,9 @@ def rewrite_for_loopback(
         listener["bind_addresses"] = [
             LOOPBACK.get(a, "::1" if ":" in a else "127.0.0.1") for a in addresses
         ]
-        names[seed_port] = [certificates.replace(e) for e in _certificate_entries(listener)]
+        names[seed_port] = [
+            certificates.replace(e) for e in _certificate_entries(listener)
+        ]
         if "fallback" in listener:
             assert fallback is not None
             listener["fallback"] = fallback
@@ -416,7 +472,9 @@ def rewrite_for_loopback(
 
 
 @contextlib.contextmanager
-def run_page(key: str, directory: Path, web_root: Path | None = None) -> Iterator[Stack]:
+def run_page(
+    key: str, directory: Path, web_root: Path | None = None
+) -> Iterator[Stack]:
     """Run page ``key``'s configuration. Its fallback, if any, is a
     recording upstream, or a static web server on ``web_root``."""
     original = page_document(key)
@@ -455,7 +513,9 @@ def run_page(key: str, directory: Path, web_root: Path | None = None) -> Iterato
             original, certificates, synapse.address, fallback
         )
         before, after = _flatten(original), _flatten(document)
-        changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+        changed = {
+            k for k in before.keys() | after.keys() if before.get(k) != after.get(k)
+        }
         assert all(_REWRITABLE.match(k) for k in changed), sorted(changed)
 
         config_path = processes.write_config(directory / "matrix-edge.yaml", document)
@@ -465,7 +525,8 @@ def run_page(key: str, directory: Path, web_root: Path | None = None) -> Iterato
 
         first = document["listeners"][0]
         edge = processes.start_edge(
-            config_path, directory / "edge.log",
+            config_path,
+            directory / "edge.log",
             wait=(first["bind_addresses"][0], first["port"]),
         )
         running.append(edge)
@@ -482,7 +543,9 @@ def run_page(key: str, directory: Path, web_root: Path | None = None) -> Iterato
 
 
 @pytest.fixture(scope="module", params=list(PAGES))
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     with run_page(request.param, tmp_path_factory.mktemp(request.param)) as running:
         yield running
 
@@ -555,9 +618,13 @@ def _host_header(name: str, seed_port: int) -> str:
 def test_page_layout(key: str) -> None:
     text = (DOCS / PAGES[key]).read_text(encoding="utf-8")
     yaml_block(PAGES[key])
-    for heading in ("## The matrix-edge configuration", "## Directive by directive",
-                    "## What matrix-edge does differently", "## Not supported",
-                    "## Tested by"):
+    for heading in (
+        "## The matrix-edge configuration",
+        "## Directive by directive",
+        "## What matrix-edge does differently",
+        "## Not supported",
+        "## Tested by",
+    ):
         assert heading in text, f"{PAGES[key]} lacks {heading!r}"
     assert PAGES[key] in (DOCS / "README.md").read_text(encoding="utf-8")
 
@@ -568,8 +635,9 @@ def test_yaml_keeps_the_seed_layout(key: str) -> None:
     fallback of the seed configuration, as written on the page."""
     document = page_document(key)
     listeners = {entry["port"]: entry for entry in document["listeners"]}
-    assert {port: entry.get("type", "client") for port, entry in listeners.items()} \
-        == SEED_LISTENERS[key]
+    assert {
+        port: entry.get("type", "client") for port, entry in listeners.items()
+    } == SEED_LISTENERS[key]
     for port, entry in listeners.items():
         assert set(entry.get("bind_addresses", ["::", "0.0.0.0"])) == {"::", "0.0.0.0"}
         assert _certificate_entries(entry), f"port {port} has no TLS"
@@ -588,7 +656,9 @@ def test_client_port_forwards_matrix_and_synapse_client(stack: Stack) -> None:
         for address in stack.addresses(seed_port):
             for target in CLIENT_TARGETS:
                 response = stack.get(
-                    seed_port, target, host_header,
+                    seed_port,
+                    target,
+                    host_header,
                     "X-Forwarded-For: 203.0.113.66\r\nX-Forwarded-Proto: http\r\n"
                     "X-Forwarded-Host: evil.example.net\r\n",
                     host=address,
@@ -614,18 +684,24 @@ def test_federation_port_forwards_matrix_only(stack: Stack) -> None:
         host_header = f"{stack.sni(seed_port)}:{seed_port}"
         for address in stack.addresses(seed_port):
             for target in FEDERATION_TARGETS:
-                echo = echo_of(stack.get(
-                    seed_port, target, host_header,
-                    f"Authorization: {X_MATRIX}\r\nX-Forwarded-For: 203.0.113.66\r\n",
-                    host=address,
-                ))
+                echo = echo_of(
+                    stack.get(
+                        seed_port,
+                        target,
+                        host_header,
+                        f"Authorization: {X_MATRIX}\r\nX-Forwarded-For: 203.0.113.66\r\n",
+                        host=address,
+                    )
+                )
                 assert echo.target == target
                 assert echo.values("Host") == [host_header]
                 assert echo.values("Authorization") == [X_MATRIX]
                 assert echo.values("X-Forwarded-For") == [address]
                 assert echo.values("X-Forwarded-Proto") == ["https"]
         for target in REFUSED_ON_FEDERATION_PORT:
-            assert_answered_by_edge(stack.get(seed_port, target, host_header), 404, "M_UNRECOGNIZED")
+            assert_answered_by_edge(
+                stack.get(seed_port, target, host_header), 404, "M_UNRECOGNIZED"
+            )
     assert not set(REFUSED_ON_FEDERATION_PORT) & set(stack.synapse.targets())
     if stack.web is not None:
         # relayd's "matrix" protocol blocks everything else: nothing from
@@ -645,8 +721,10 @@ def test_admin_and_internal_paths_not_forwarded(stack: Stack) -> None:
                 continue  # not a Matrix path: the web server's
             assert_answered_by_edge(response, 404, "M_UNRECOGNIZED")
     seen = stack.synapse.targets() + (stack.web.targets() if stack.web else [])
-    assert not any(t.startswith(("/_synapse/admin", "/_synapse/metrics",
-                                 "/_synapse/replication")) for t in seen)
+    assert not any(
+        t.startswith(("/_synapse/admin", "/_synapse/metrics", "/_synapse/replication"))
+        for t in seen
+    )
     assert "/_matrixfoo" not in stack.synapse.targets()
 
 
@@ -669,8 +747,11 @@ def test_http2_offered_and_forwarding(stack: Stack) -> None:
     for listener in stack.original["listeners"]:
         seed_port = listener["port"]
         expected = "h2" if listener.get("http2", True) else "http/1.1"
-        with connect(stack.ports[seed_port], tls=stack.context(("h2", "http/1.1")),
-                     server_hostname=stack.sni(seed_port)) as sock:
+        with connect(
+            stack.ports[seed_port],
+            tls=stack.context(("h2", "http/1.1")),
+            server_hostname=stack.sni(seed_port),
+        ) as sock:
             assert sock.selected_alpn_protocol() == expected
         if expected != "h2":
             continue
@@ -694,12 +775,21 @@ def test_body_limit_is_50m(stack: Stack) -> None:
     client_max_body_size) get 413 M_TOO_LARGE before they are sent."""
     document = stack.original
     assert parse_size(document.get("max_upload_size", "50M"), ()) == FIFTY_MIB
-    assert parse_size(document.get("max_request_size", document.get("max_upload_size", "50M")), ()) == FIFTY_MIB
+    assert (
+        parse_size(
+            document.get("max_request_size", document.get("max_upload_size", "50M")), ()
+        )
+        == FIFTY_MIB
+    )
     seed_port = stack.ports_of("client")[0]
-    for method, target in (("POST", "/_matrix/media/v3/upload?filename=a.bin"),
-                           ("PUT", "/_matrix/client/v3/rooms/%21r%3Aexample.com/send/m.room.message/t1")):
-        raw = (f"{method} {target} HTTP/1.1\r\nHost: {stack.sni(seed_port)}\r\n"
-               f"Content-Type: application/octet-stream\r\nContent-Length: {FIFTY_MIB + 1}\r\n\r\n")
+    for method, target in (
+        ("POST", "/_matrix/media/v3/upload?filename=a.bin"),
+        ("PUT", "/_matrix/client/v3/rooms/%21r%3Aexample.com/send/m.room.message/t1"),
+    ):
+        raw = (
+            f"{method} {target} HTTP/1.1\r\nHost: {stack.sni(seed_port)}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {FIFTY_MIB + 1}\r\n\r\n"
+        )
         response = stack.send(seed_port, raw.encode())
         assert_answered_by_edge(response, 413, "M_TOO_LARGE")
     assert not any("/upload" in t or "/send/" in t for t in stack.synapse.targets())
@@ -722,7 +812,9 @@ def test_well_known_documents(stack: Stack) -> None:
     for seed_port in stack.ports_of("client"):
         for name in ("server", "client"):
             for sni in stack.names[seed_port]:
-                response = stack.get(seed_port, f"/.well-known/matrix/{name}", sni, sni=sni)
+                response = stack.get(
+                    seed_port, f"/.well-known/matrix/{name}", sni, sni=sni
+                )
                 if name not in expected:
                     if "fallback" in stack.listener(seed_port):
                         continue
@@ -735,7 +827,9 @@ def test_well_known_documents(stack: Stack) -> None:
                 assert json.loads(response.body) == expected[name]
     assert not any(t.startswith("/.well-known") for t in stack.synapse.targets())
     if stack.web is not None:
-        assert not any(t.startswith("/.well-known/matrix/") for t in stack.web.targets())
+        assert not any(
+            t.startswith("/.well-known/matrix/") for t in stack.web.targets()
+        )
 
 
 def test_certificate_for_each_name(stack: Stack) -> None:
@@ -744,9 +838,13 @@ def test_certificate_for_each_name(stack: Stack) -> None:
     for listener in stack.original["listeners"]:
         seed_port = listener["port"]
         for name in stack.names[seed_port]:
-            with connect(stack.ports[seed_port], tls=stack.context(), server_hostname=name) as sock:
+            with connect(
+                stack.ports[seed_port], tls=stack.context(), server_hostname=name
+            ) as sock:
                 assert sock.version() in ("TLSv1.2", "TLSv1.3")
-                subject = dict(item for rdn in sock.getpeercert()["subject"] for item in rdn)
+                subject = dict(
+                    item for rdn in sock.getpeercert()["subject"] for item in rdn
+                )
                 assert subject["commonName"] == name
 
 
@@ -756,11 +854,15 @@ def test_certificate_for_each_name(stack: Stack) -> None:
 @pytest.mark.parametrize("stack", ["nginx"], indirect=True)
 def test_nginx_50m_upload_passes(stack: Stack) -> None:
     """A body of exactly client_max_body_size reaches Synapse whole."""
-    raw = (b"POST /_matrix/media/v3/upload?filename=big.bin HTTP/1.1\r\n"
-           b"Host: matrix.example.com\r\nContent-Type: application/octet-stream\r\n"
-           b"Content-Length: %d\r\n\r\n" % FIFTY_MIB)
+    raw = (
+        b"POST /_matrix/media/v3/upload?filename=big.bin HTTP/1.1\r\n"
+        b"Host: matrix.example.com\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Length: %d\r\n\r\n" % FIFTY_MIB
+    )
     block = b"\0" * (1024 * 1024)
-    with connect(stack.ports[443], tls=stack.context(), server_hostname="matrix.example.com") as sock:
+    with connect(
+        stack.ports[443], tls=stack.context(), server_hostname="matrix.example.com"
+    ) as sock:
         sock.sendall(raw)
         for _ in range(50):
             sock.sendall(block)
@@ -789,18 +891,24 @@ def test_haproxy_single_port_carries_federation_over_unix_socket(stack: Stack) -
     assert stack.synapse.address.startswith("unix:")
     for address in stack.addresses(443):
         for target in FEDERATION_TARGETS:
-            echo = echo_of(stack.get(
-                443, target, "matrix.example.com:443",
-                f"Authorization: {X_MATRIX}\r\nX-Forwarded-For: 203.0.113.66\r\n",
-                host=address,
-            ))
+            echo = echo_of(
+                stack.get(
+                    443,
+                    target,
+                    "matrix.example.com:443",
+                    f"Authorization: {X_MATRIX}\r\nX-Forwarded-For: 203.0.113.66\r\n",
+                    host=address,
+                )
+            )
             assert echo.target == target
             assert echo.values("Host") == ["matrix.example.com:443"]
             assert echo.values("X-Forwarded-For") == [address]
             assert echo.values("X-Forwarded-Proto") == ["https"]
     # HAProxy's `use_backend matrix if matrix-sni` sent these to Synapse.
     for target in ("/_synapse/admin/v1/server_version", "/_synapse/metrics", "/"):
-        response = stack.get(443, target, "matrix.example.com", sni="matrix.example.com")
+        response = stack.get(
+            443, target, "matrix.example.com", sni="matrix.example.com"
+        )
         assert_answered_by_edge(response, 404, "M_UNRECOGNIZED")
     assert set(FEDERATION_TARGETS) <= set(stack.synapse.targets())
 
@@ -815,9 +923,15 @@ def test_relayd_fallback_to_web_server(stack: Stack) -> None:
     targets = ["/", "/index.html", "/%7Euser/page?x=%2F&y", "/.well-known/other.txt"]
     for address in stack.addresses(443):
         for target in targets:
-            echo = echo_of(stack.get(
-                443, target, "example.com", "X-Forwarded-For: 203.0.113.66\r\n", host=address
-            ))
+            echo = echo_of(
+                stack.get(
+                    443,
+                    target,
+                    "example.com",
+                    "X-Forwarded-For: 203.0.113.66\r\n",
+                    host=address,
+                )
+            )
             assert echo.target == target
             assert echo.values("Host") == ["example.com"]
             assert echo.values("X-Forwarded-For") == [address]
@@ -858,7 +972,10 @@ def test_relayd_with_static_web_server(tmp_path: Path) -> None:
     with run_page("relayd", tmp_path / "stack", web_root=root) as stack:
         assert set(_index_page_statuses(stack, 2.5)) == {200}
         ready = stack.get(443, "/ready", "example.com")
-        assert json.loads(ready.body)["upstreams"] == {"synapse": "up", "fallback": "up"}
+        assert json.loads(ready.body)["upstreams"] == {
+            "synapse": "up",
+            "fallback": "up",
+        }
 
 
 # docs/workers.md ------------------------------------------------------------
@@ -912,7 +1029,9 @@ def fenced_blocks(text: str, info: str) -> list[str]:
 
 def section_block(page: str, heading: str, info: str) -> str:
     blocks = fenced_blocks(page_section(page, heading), info)
-    assert len(blocks) == 1, f"{page}: {heading!r} must hold exactly one ```{info} block"
+    assert len(blocks) == 1, (
+        f"{page}: {heading!r} must hold exactly one ```{info} block"
+    )
     return blocks[0]
 
 
@@ -920,7 +1039,9 @@ def significant_lines(block: str) -> int:
     """Lines that are neither blank nor only a comment, as
     ``grep -cvE '^\\s*(#|$)'`` counts them."""
     return sum(
-        1 for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")
+        1
+        for line in block.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
     )
 
 
@@ -992,8 +1113,12 @@ def workers_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_twistd(argv: list[str], cwd: Path = processes.REPO) -> str:
     result = subprocess.run(
-        [processes.TWISTD, *argv], capture_output=True, text=True, timeout=60,
-        cwd=cwd, env=dict(os.environ, PYTHONPATH=str(processes.REPO)),
+        [processes.TWISTD, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=dict(os.environ, PYTHONPATH=str(processes.REPO)),
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -1001,26 +1126,42 @@ def run_twistd(argv: list[str], cwd: Path = processes.REPO) -> str:
 
 def test_workers_page_layout() -> None:
     text = (DOCS / WORKERS_PAGE).read_text(encoding="utf-8")
-    for heading in ("The deployment", "Line counts", "The nginx configuration",
-                    "The matrix-edge configuration", "Checking the routing",
-                    "Migrating an existing deployment", "Policies", "Health and fallback",
-                    "Limits", "`/ready`", "The access log", "Adding or overriding routes",
-                    "Tested by"):
+    for heading in (
+        "The deployment",
+        "Line counts",
+        "The nginx configuration",
+        "The matrix-edge configuration",
+        "Checking the routing",
+        "Migrating an existing deployment",
+        "Policies",
+        "Health and fallback",
+        "Limits",
+        "`/ready`",
+        "The access log",
+        "Adding or overriding routes",
+        "Tested by",
+    ):
         assert f"\n## {heading}\n" in text, f"{WORKERS_PAGE} lacks {heading!r}"
     assert WORKERS_PAGE in (DOCS / "README.md").read_text(encoding="utf-8")
-    assert f"docs/{WORKERS_PAGE}" in (processes.REPO / "README.md").read_text(encoding="utf-8")
+    assert f"docs/{WORKERS_PAGE}" in (processes.REPO / "README.md").read_text(
+        encoding="utf-8"
+    )
 
 
 def test_workers_page_config_checks(workers_config: Path) -> None:
     """The deployment the page describes, on 443 and 8448 with TLS, passes
     ``--check-config`` as written (certificate files apart)."""
     document = workers_page_document()
-    assert {entry["port"]: entry["type"] for entry in document["listeners"]} \
-        == {443: "client", 8448: "federation"}
+    assert {entry["port"]: entry["type"] for entry in document["listeners"]} == {
+        443: "client",
+        8448: "federation",
+    }
     assert all(_certificate_entries(entry) for entry in document["listeners"])
     assert document["upstream"] == "http://127.0.0.1:8008"
     pools = document["workers"]["pools"]
-    assert {name: len(addresses) for name, addresses in pools.items()} == WORKERS_DEPLOYMENT
+    assert {
+        name: len(addresses) for name, addresses in pools.items()
+    } == WORKERS_DEPLOYMENT
     checked = check_config(workers_config)
     assert checked.returncode == 0, checked.stderr
     assert "configuration OK" in checked.stdout
@@ -1030,7 +1171,11 @@ def test_workers_page_line_counts() -> None:
     """The numbers in the page's line-count table are those of the nginx
     and matrix-edge configurations it gives."""
     table = page_section(WORKERS_PAGE, "Line counts")
-    stated = dict(re.findall(r"^\| (nginx|matrix-edge) \| `[^`]+` \| (\d+) \|$", table, re.MULTILINE))
+    stated = dict(
+        re.findall(
+            r"^\| (nginx|matrix-edge) \| `[^`]+` \| (\d+) \|$", table, re.MULTILINE
+        )
+    )
     assert set(stated) == {"nginx", "matrix-edge"}
     nginx = section_block(WORKERS_PAGE, "The nginx configuration", "nginx")
     edge = section_block(WORKERS_PAGE, "The matrix-edge configuration", "yaml")
@@ -1038,12 +1183,16 @@ def test_workers_page_line_counts() -> None:
     assert int(stated["matrix-edge"]) == significant_lines(edge)
     # The README quotes both.
     readme = (processes.REPO / "README.md").read_text(encoding="utf-8")
-    section = re.search(r"^## Synapse workers\n(.*?)^## ", readme, re.MULTILINE | re.DOTALL)
+    section = re.search(
+        r"^## Synapse workers\n(.*?)^## ", readme, re.MULTILINE | re.DOTALL
+    )
     assert section, "README.md lacks its Synapse workers section"
     assert set(re.findall(r"(\d+) lines", section.group(1))) == set(stated.values())
 
 
-@pytest.mark.parametrize("heading", ["Policies", "Limits", "Adding or overriding routes"])
+@pytest.mark.parametrize(
+    "heading", ["Policies", "Limits", "Adding or overriding routes"]
+)
 def test_workers_page_snippets(heading: str, workers_config: Path) -> None:
     """The ``workers`` snippets of the page are valid added to its
     configuration."""
@@ -1065,7 +1214,9 @@ def test_workers_page_dry_runs(workers_config: Path) -> None:
             if argv[:3] != ["twistd", "matrix-edge", "-c"]:
                 continue
             assert argv[3] == WORKERS_CONFIG_PATH, command
-            assert_shown(shown, run_twistd(["matrix-edge", "-c", str(workers_config), *argv[4:]]))
+            assert_shown(
+                shown, run_twistd(["matrix-edge", "-c", str(workers_config), *argv[4:]])
+            )
             commands.append(argv[4])
     assert "routes" in commands
     assert commands.count("route") >= 5
@@ -1075,14 +1226,23 @@ def test_workers_page_migration() -> None:
     """``migrate-workers`` on the page's sample Synapse files prints what the
     page shows: the ``upstream`` and pools of the page's configuration."""
     shown = page_section(WORKERS_PAGE, "Migrating an existing deployment")
-    [command] = [command for block in fenced_blocks(shown, "console")
-                 for command, _ in console_runs(block) if command.startswith("twistd ")]
+    [command] = [
+        command
+        for block in fenced_blocks(shown, "console")
+        for command, _ in console_runs(block)
+        if command.startswith("twistd ")
+    ]
     argv = shlex.split(command)
     assert argv[:4] == ["twistd", "matrix-edge", "migrate-workers", "homeserver.yaml"]
     assert argv[4:] == ["workers/*.yaml"]
-    workers = sorted(str(p.relative_to(WORKER_SAMPLES)) for p in WORKER_SAMPLES.glob("workers/*.yaml"))
+    workers = sorted(
+        str(p.relative_to(WORKER_SAMPLES))
+        for p in WORKER_SAMPLES.glob("workers/*.yaml")
+    )
     printed = run_twistd([*argv[1:4], *workers], cwd=WORKER_SAMPLES)
-    assert printed == section_block(WORKERS_PAGE, "Migrating an existing deployment", "yaml")
+    assert printed == section_block(
+        WORKERS_PAGE, "Migrating an existing deployment", "yaml"
+    )
     document = workers_page_document()
     assert yaml.safe_load(printed) == {
         "upstream": document["upstream"],

@@ -16,7 +16,7 @@ from twisted.logger import globalLogPublisher
 
 from matrix_edge.config.maintenance import MaintenanceConfig
 from matrix_edge.upstream_watch import UpstreamWatch
-from tests.rawhttp import exchange, read_response
+from tests.rawhttp import exchange
 
 
 def _get(target: bytes, extra: bytes = b"", method: bytes = b"GET") -> bytes:
@@ -26,9 +26,9 @@ def _get(target: bytes, extra: bytes = b"", method: bytes = b"GET") -> bytes:
 @pytest.mark.parametrize(
     ("allow", "trusted", "xff", "expected"),
     [
-        ([], [], b"", 404),                        # closed by default
-        (["10.0.0.0/8"], [], b"", 403),             # open elsewhere, not here
-        (["127.0.0.0/8"], [], b"", 200),            # the peer is allowed
+        ([], [], b"", 404),  # closed by default
+        (["10.0.0.0/8"], [], b"", 403),  # open elsewhere, not here
+        (["127.0.0.0/8"], [], b"", 200),  # the peer is allowed
         # A client's own X-Forwarded-For does not open it...
         (["10.0.0.0/8"], [], b"X-Forwarded-For: 10.1.1.1\r\n", 403),
         # ...but the address a trusted proxy reports is what is checked.
@@ -45,7 +45,9 @@ async def test_admin_allow_list(make_stack, allow, trusted, xff, expected):
     assert response.status == expected
     if expected != 200:
         body = json.loads(response.body)
-        assert body["errcode"] == ("M_UNRECOGNIZED" if expected == 404 else "M_FORBIDDEN")
+        assert body["errcode"] == (
+            "M_UNRECOGNIZED" if expected == 404 else "M_FORBIDDEN"
+        )
         assert stack.upstream.requests == []
     else:
         [recorded] = stack.upstream.requests
@@ -54,8 +56,13 @@ async def test_admin_allow_list(make_stack, allow, trusted, xff, expected):
 
 @pytest.mark.parametrize(
     "target",
-    [b"/_synapse/replication/send_event/x", b"/_synapse/metrics", b"/_synapse/worker/x",
-     b"/_synapse/admin%2fv1", b"/_synapse/client/../admin/v1/users"],
+    [
+        b"/_synapse/replication/send_event/x",
+        b"/_synapse/metrics",
+        b"/_synapse/worker/x",
+        b"/_synapse/admin%2fv1",
+        b"/_synapse/client/../admin/v1/users",
+    ],
 )
 @pytest_twisted.ensureDeferred
 async def test_internal_paths_never_forwarded(make_stack, target):
@@ -69,7 +76,9 @@ async def test_internal_paths_never_forwarded(make_stack, target):
 async def test_request_id_generated_sent_and_returned(make_stack):
     stack = make_stack()
     response = await deferToThread(
-        exchange, stack.port, _get(b"/_matrix/client/versions", b"X-Request-ID: chosen-by-client\r\n")
+        exchange,
+        stack.port,
+        _get(b"/_matrix/client/versions", b"X-Request-ID: chosen-by-client\r\n"),
     )
     request_id = response.header("X-Request-ID")
     assert request_id and request_id != "chosen-by-client"
@@ -112,8 +121,14 @@ def _proxy_v2(source: str, raw: bytes, port: int) -> bytes:
 @pytest.mark.parametrize("header", [_proxy_v1, _proxy_v2], ids=["v1", "v2"])
 @pytest_twisted.ensureDeferred
 async def test_proxy_protocol_gives_the_client_address(make_stack, header):
-    stack = make_stack(listener={"proxy_protocol": True, "admin_allow": ["198.51.100.0/24"]})
-    raw = header("198.51.100.7", _get(b"/_matrix/client/versions", b"X-Forwarded-For: 6.6.6.6\r\n"), stack.port)
+    stack = make_stack(
+        listener={"proxy_protocol": True, "admin_allow": ["198.51.100.0/24"]}
+    )
+    raw = header(
+        "198.51.100.7",
+        _get(b"/_matrix/client/versions", b"X-Forwarded-For: 6.6.6.6\r\n"),
+        stack.port,
+    )
     response = await deferToThread(exchange, stack.port, raw)
     assert response.status == 200
     [recorded] = stack.upstream.requests
@@ -147,11 +162,19 @@ async def test_fallback_site_for_other_paths(make_stack):
 
     port = configure()
     stack = make_stack(listener={"fallback": f"http://127.0.0.1:{port}"})
-    for target in (b"/", b"/index.html", b"/.well-known/matrix/server", b"/%7Euser/page?x=%2F"):
+    for target in (
+        b"/",
+        b"/index.html",
+        b"/.well-known/matrix/server",
+        b"/%7Euser/page?x=%2F",
+    ):
         response = await deferToThread(exchange, stack.port, _get(target))
         assert response.status == 200
     assert [r.target for r in web["factory"].requests] == [
-        b"/", b"/index.html", b"/.well-known/matrix/server", b"/%7Euser/page?x=%2F"
+        b"/",
+        b"/index.html",
+        b"/.well-known/matrix/server",
+        b"/%7Euser/page?x=%2F",
     ]
     # Matrix paths still go to Synapse; /_synapse paths go nowhere else.
     await deferToThread(exchange, stack.port, _get(b"/_matrix/client/versions"))
@@ -166,11 +189,13 @@ async def test_media_uploads_get_their_own_limit(make_stack):
     stack = make_stack(max_upload_size="100K", max_request_size="1K")
     body = b"x" * 5000
     media = (
-        b"POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: h\r\nContent-Length: 5000\r\n\r\n" + body
+        b"POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: h\r\nContent-Length: 5000\r\n\r\n"
+        + body
     )
     other = (
         b"PUT /_matrix/client/v3/rooms/%21r%3Ah/send/m.room.message/1 HTTP/1.1\r\nHost: h\r\n"
-        + b"Content-Length: 5000\r\n\r\n" + body
+        + b"Content-Length: 5000\r\n\r\n"
+        + body
     )
     assert (await deferToThread(exchange, stack.port, media)).status == 200
     response = await deferToThread(exchange, stack.port, other)
@@ -201,7 +226,9 @@ async def test_readiness_and_fail_fast(make_stack):
         ready = await deferToThread(exchange, stack.port, _get(b"/ready"))
         assert ready.status == 503
         assert json.loads(ready.body)["upstreams"] == {"synapse": "down"}
-        response = await deferToThread(exchange, stack.port, _get(b"/_matrix/client/versions"))
+        response = await deferToThread(
+            exchange, stack.port, _get(b"/_matrix/client/versions")
+        )
         assert response.status == 502
         assert json.loads(response.body)["errcode"] == "M_UNKNOWN"
     finally:
@@ -212,22 +239,30 @@ async def test_readiness_and_fail_fast(make_stack):
 async def test_maintenance_mode(make_stack):
     stack = make_stack(well_known={"server": "hs.test:443"})
     stack.site.live.maintenance = MaintenanceConfig(enabled=True, retry_after=120.0)
-    response = await deferToThread(exchange, stack.port, _get(b"/_matrix/client/versions"))
+    response = await deferToThread(
+        exchange, stack.port, _get(b"/_matrix/client/versions")
+    )
     assert response.status == 503
     assert response.header("Retry-After") == "120"
     assert json.loads(response.body)["errcode"] == "M_UNKNOWN"
     assert (await deferToThread(exchange, stack.port, _get(b"/health"))).status == 200
-    assert (await deferToThread(exchange, stack.port, _get(b"/.well-known/matrix/server"))).status == 200
+    assert (
+        await deferToThread(exchange, stack.port, _get(b"/.well-known/matrix/server"))
+    ).status == 200
     assert stack.upstream.requests == []
     stack.site.live.maintenance = MaintenanceConfig(enabled=False)
-    response = await deferToThread(exchange, stack.port, _get(b"/_matrix/client/versions"))
+    response = await deferToThread(
+        exchange, stack.port, _get(b"/_matrix/client/versions")
+    )
     assert response.status == 200
 
 
 @pytest_twisted.ensureDeferred
 async def test_cors_not_duplicated_on_proxied_responses(make_stack):
     stack = make_stack()
-    response = await deferToThread(exchange, stack.port, _get(b"/_matrix/client/versions"))
+    response = await deferToThread(
+        exchange, stack.port, _get(b"/_matrix/client/versions")
+    )
     # The recording upstream sends no CORS headers and the edge adds none
     # to Synapse's responses: Synapse sends its own.
     assert response.header("Access-Control-Allow-Origin") is None
@@ -243,8 +278,12 @@ async def test_json_access_log(make_stack):
         stack = make_stack(access_log={"format": "json"})
         auth = b'Authorization: X-Matrix origin="hs2.test",destination="hs.test",key="ed25519:a",sig="c2ln"\r\n'
         await deferToThread(
-            exchange, stack.port,
-            _get(b"/_matrix/federation/v1/query/profile?user_id=%40a%3Ahs.test&access_token=t", auth),
+            exchange,
+            stack.port,
+            _get(
+                b"/_matrix/federation/v1/query/profile?user_id=%40a%3Ahs.test&access_token=t",
+                auth,
+            ),
         )
     finally:
         globalLogPublisher.removeObserver(events.append)

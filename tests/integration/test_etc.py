@@ -28,11 +28,13 @@ def _sample_config(tmp_path: Path) -> tuple[Path, int]:
         "/etc/letsencrypt/live/matrix.example.com/fullchain.pem", str(pki.chain_path)
     ).replace("/etc/letsencrypt/live/matrix.example.com/privkey.pem", str(pki.key_path))
     document = yaml.safe_load(text)
-    assert [l["port"] for l in document["listeners"]] == [443, 8448]
+    assert [entry["port"] for entry in document["listeners"]] == [443, 8448]
     assert document["upstream"] == "http://127.0.0.1:8008"
     port = processes.free_port()
     for listener in document["listeners"]:
-        listener["port"] = port if listener["type"] == "client" else processes.free_port()
+        listener["port"] = (
+            port if listener["type"] == "client" else processes.free_port()
+        )
         listener["bind_addresses"] = ["127.0.0.1"]
     return processes.write_config(tmp_path / "matrix-edge.yaml", document), port
 
@@ -61,7 +63,10 @@ def test_init_script_lifecycle(tmp_path: Path) -> None:
     def init(action: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             ["sh", str(ETC / "init.d" / "matrix-edge"), action],
-            env=env, capture_output=True, text=True, timeout=60,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     assert init("status").returncode == 3
@@ -92,10 +97,17 @@ def test_init_script_refuses_a_broken_config(tmp_path: Path) -> None:
     config.write_text("listeners: []\nupstream: http://127.0.0.1:8008\n")
     result = subprocess.run(
         ["sh", str(ETC / "init.d" / "matrix-edge"), "start"],
-        env=dict(os.environ, TWISTD=processes.TWISTD, CONFIG=str(config),
-                 PIDFILE=str(tmp_path / "pid"), LOGFILE=str(tmp_path / "log"),
-                 DEFAULTS="/nonexistent"),
-        capture_output=True, text=True, timeout=60,
+        env=dict(
+            os.environ,
+            TWISTD=processes.TWISTD,
+            CONFIG=str(config),
+            PIDFILE=str(tmp_path / "pid"),
+            LOGFILE=str(tmp_path / "log"),
+            DEFAULTS="/nonexistent",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0
     assert "listeners: at least one listener is required" in result.stderr
@@ -116,14 +128,17 @@ def test_systemd_unit_commands(tmp_path: Path) -> None:
 
     def localise(argv: list[str]) -> list[str]:
         return [
-            processes.TWISTD if a == "/opt/matrix-edge/bin/twistd"
-            else str(config) if a == "/etc/matrix-edge/matrix-edge.yaml"
+            processes.TWISTD
+            if a == "/opt/matrix-edge/bin/twistd"
+            else str(config)
+            if a == "/etc/matrix-edge/matrix-edge.yaml"
             else a
             for a in argv
         ]
 
-    check = subprocess.run(localise(commands["ExecStartPre"]), capture_output=True,
-                           text=True, timeout=60)
+    check = subprocess.run(
+        localise(commands["ExecStartPre"]), capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     process = processes.start(localise(commands["ExecStart"]), tmp_path / "edge.log")
     try:

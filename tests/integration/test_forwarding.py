@@ -12,7 +12,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from tests.rawhttp import closed_without_response, connect, exchange, read_response
+from tests.rawhttp import connect, exchange, read_response
 
 # Targets that must reach Synapse unchanged. Federation signatures cover
 # the raw URI: one changed byte breaks them.
@@ -44,7 +44,13 @@ EXACT_TARGETS = [
 
 
 def _get(target: bytes, extra: bytes = b"") -> bytes:
-    return b"GET " + target + b" HTTP/1.1\r\nHost: matrix.example.org\r\n" + extra + b"\r\n"
+    return (
+        b"GET "
+        + target
+        + b" HTTP/1.1\r\nHost: matrix.example.org\r\n"
+        + extra
+        + b"\r\n"
+    )
 
 
 @pytest.mark.parametrize("target", EXACT_TARGETS, ids=lambda t: t.decode())
@@ -170,8 +176,14 @@ async def test_request_headers_sent_upstream(make_stack):
     assert recorded.headers(b"cookie") == [b"c=1", b"d=2"]
     assert recorded.headers(b"authorization") == [b"Bearer token"]
     for dropped in (
-        b"x-real-ip", b"forwarded", b"x-forwarded-host", b"x-drop-me",
-        b"keep-alive", b"te", b"proxy-authorization", b"upgrade",
+        b"x-real-ip",
+        b"forwarded",
+        b"x-forwarded-host",
+        b"x-drop-me",
+        b"keep-alive",
+        b"te",
+        b"proxy-authorization",
+        b"upgrade",
     ):
         assert recorded.headers(dropped) == [], dropped
     # Only the edge's own connection management goes upstream.
@@ -194,7 +206,9 @@ async def test_trusted_proxy_chain(make_stack):
 @pytest_twisted.ensureDeferred
 async def test_response_headers_filtered_and_repeated_kept(make_stack):
     stack = make_stack()
-    response = await deferToThread(exchange, stack.port, _get(b"/_matrix/client/versions"))
+    response = await deferToThread(
+        exchange, stack.port, _get(b"/_matrix/client/versions")
+    )
     assert response.all("Set-Cookie") == ["a=1", "b=2"]
     assert response.header("X-Upstream") == "yes"
     assert response.header("Keep-Alive") is None
@@ -262,7 +276,8 @@ async def test_body_forwarded_with_length(make_stack):
     raw = (
         b"PUT /_matrix/client/v3/rooms/%21r%3Ah/send/m.room.message/1 HTTP/1.1\r\n"
         b"Host: h\r\nContent-Type: application/json\r\n"
-        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + b"Content-Length: %d\r\n\r\n"
+        % len(body)
     ) + body
     response = await deferToThread(exchange, stack.port, raw)
     assert response.status == 200
@@ -346,9 +361,15 @@ async def test_too_large_while_streaming_chunked(make_stack):
     raw = (
         b"POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: h\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
-        + b"200\r\n" + b"a" * 512 + b"\r\n"
-        + b"200\r\n" + b"b" * 512 + b"\r\n"
-        + b"200\r\n" + b"c" * 512 + b"\r\n"
+        + b"200\r\n"
+        + b"a" * 512
+        + b"\r\n"
+        + b"200\r\n"
+        + b"b" * 512
+        + b"\r\n"
+        + b"200\r\n"
+        + b"c" * 512
+        + b"\r\n"
         + b"0\r\n\r\n"
     )
     response = await deferToThread(exchange, stack.port, raw)
@@ -365,7 +386,9 @@ async def test_upstream_refused_is_502(make_stack):
     from twisted.internet.endpoints import TCP4ClientEndpoint
 
     stack.site.upstream._endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", 1)
-    response = await deferToThread(exchange, stack.port, _get(b"/_matrix/client/versions"))
+    response = await deferToThread(
+        exchange, stack.port, _get(b"/_matrix/client/versions")
+    )
     assert response.status == 502
     assert response.header("Content-Type") == "application/json"
     assert json.loads(response.body)["errcode"] == "M_UNKNOWN"

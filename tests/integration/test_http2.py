@@ -30,7 +30,9 @@ def _in_client(port, work):
 @pytest_twisted.ensureDeferred
 async def test_target_byte_for_byte_over_h2(make_stack, target):
     stack = make_stack(tls=True)
-    stream = await deferToThread(_in_client, stack.port, lambda c: c.request(b"GET", target))
+    stream = await deferToThread(
+        _in_client, stack.port, lambda c: c.request(b"GET", target)
+    )
     assert stream.status == 200
     [recorded] = stack.upstream.requests
     assert recorded.request_line == b"GET " + target + b" HTTP/1.1"
@@ -39,8 +41,10 @@ async def test_target_byte_for_byte_over_h2(make_stack, target):
 
 
 H2_REJECTED = [
-    line.split(b" ")[1] for line in REJECTED
-    if line.startswith(b"GET ") and all(0x21 <= c <= 0x7E for c in line.split(b" ")[1])
+    line.split(b" ")[1]
+    for line in REJECTED
+    if line.startswith(b"GET ")
+    and all(0x21 <= c <= 0x7E for c in line.split(b" ")[1])
     and b"#" not in line
 ]
 
@@ -49,7 +53,9 @@ H2_REJECTED = [
 @pytest_twisted.ensureDeferred
 async def test_unsafe_targets_refused_over_h2(make_stack, target):
     stack = make_stack(tls=True)
-    stream = await deferToThread(_in_client, stack.port, lambda c: c.request(b"GET", target))
+    stream = await deferToThread(
+        _in_client, stack.port, lambda c: c.request(b"GET", target)
+    )
     assert stream.status == 400
     assert json.loads(bytes(stream.body))["errcode"] == "M_UNKNOWN"
     assert stack.upstream.requests == []
@@ -62,8 +68,10 @@ async def test_errors_and_limits_over_h2(make_stack):
     def work(client):
         not_found = client.request(b"GET", b"/_synapse/admin/v1/users")
         too_large = client.request(
-            b"POST", b"/_matrix/media/v3/upload",
-            headers=[(b"content-length", b"5000")], end_stream=False,
+            b"POST",
+            b"/_matrix/media/v3/upload",
+            headers=[(b"content-length", b"5000")],
+            end_stream=False,
         )
         health = client.request(b"GET", b"/health")
         return not_found, too_large, health
@@ -99,7 +107,9 @@ async def test_download_stalled_by_flow_control_while_other_streams_move(make_st
     stack = make_stack(tls=True)
 
     def work(client):
-        big = client.start(b"GET", b"/_matrix/big?mb=20", keep_body=False, withhold_credit=True)
+        big = client.start(
+            b"GET", b"/_matrix/big?mb=20", keep_body=False, withhold_credit=True
+        )
         client.until(lambda: client.streams[big].received > 0)
         small = [client.request(b"GET", b"/_matrix/client/versions") for _ in range(5)]
         stalled_at = client.streams[big].received
@@ -121,15 +131,19 @@ async def test_upload_while_other_streams_move(make_stack):
 
     def work(client):
         upload = client.start(
-            b"PUT", b"/_matrix/media/v3/upload",
-            headers=[(b"content-length", b"%d" % size)], end_stream=False,
+            b"PUT",
+            b"/_matrix/media/v3/upload",
+            headers=[(b"content-length", b"%d" % size)],
+            end_stream=False,
         )
         answered: list[int] = []
 
         def between(sent: int) -> None:
             # Every 2 MiB, another stream gets its answer mid-upload.
             if sent >= (len(answered) + 1) * 2 * MiB:
-                answered.append(client.request(b"GET", b"/_matrix/client/versions").status)
+                answered.append(
+                    client.request(b"GET", b"/_matrix/client/versions").status
+                )
 
         client.send_body(upload, size, between)
         client.until(lambda: client.streams[upload].ended)
@@ -148,9 +162,19 @@ async def test_curl_negotiates_h2(make_stack):
     stack = make_stack(tls=True)
     result = await deferToThread(
         subprocess.run,
-        ["curl", "-sk", "--http2", "-o", "/dev/null", "-w", "%{http_version}",
-         f"https://127.0.0.1:{stack.port}/_matrix/client/versions"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "curl",
+            "-sk",
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version}",
+            f"https://127.0.0.1:{stack.port}/_matrix/client/versions",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.stdout == "2"
 
@@ -169,7 +193,9 @@ async def test_http2_switched_off(make_stack):
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     response = await deferToThread(
-        exchange, stack.port,
-        b"GET /_matrix/client/versions HTTP/1.1\r\nHost: h\r\n\r\n", tls=context,
+        exchange,
+        stack.port,
+        b"GET /_matrix/client/versions HTTP/1.1\r\nHost: h\r\n\r\n",
+        tls=context,
     )
     assert response.status == 200

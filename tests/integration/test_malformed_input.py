@@ -16,7 +16,9 @@ STRUCTURED = [
     b"GET /_matrix/client/versions HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
     b"\x16\x03\x01\x00\x05hello",
     b"GET /_matrix/client/versions HTTP/9.9\r\nHost: h\r\n\r\n",
-    b"GET /_matrix/client/versions HTTP/1.1\r\nHost: h\r\n" + b"X-A: b\r\n" * 600 + b"\r\n",
+    b"GET /_matrix/client/versions HTTP/1.1\r\nHost: h\r\n"
+    + b"X-A: b\r\n" * 600
+    + b"\r\n",
     b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: h\r\n\r\n",
     b"GET /_matrix/client/versions HTTP/1.1\r\nHost: h\r\nContent-Length: abc\r\n\r\n",
     b"\r\n\r\n\r\n",

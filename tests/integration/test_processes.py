@@ -33,16 +33,21 @@ def _wait_for(predicate, timeout: float = 20.0) -> None:
 def test_two_processes_share_the_listeners(tmp_path: Path) -> None:
     upstream_port = processes.free_port()
     port = processes.free_port()
-    config = processes.write_config(tmp_path / "edge.yaml", {
-        "listeners": [{"port": port, "bind_addresses": ["127.0.0.1", "::1"]}],
-        "upstream": f"http://127.0.0.1:{upstream_port}",
-        "processes": 2,
-    })
+    config = processes.write_config(
+        tmp_path / "edge.yaml",
+        {
+            "listeners": [{"port": port, "bind_addresses": ["127.0.0.1", "::1"]}],
+            "upstream": f"http://127.0.0.1:{upstream_port}",
+            "processes": 2,
+        },
+    )
     upstream = processes.start_upstream(upstream_port, tmp_path / "upstream.log")
     edge = processes.start_edge(config, tmp_path / "edge.log", wait=("127.0.0.1", port))
     try:
         _wait_for(lambda: "Started worker 1" in edge.log())
-        worker_pid = int(re.search(r"Started worker 1 \(pid (\d+)\)", edge.log()).group(1))
+        worker_pid = int(
+            re.search(r"Started worker 1 \(pid (\d+)\)", edge.log()).group(1)
+        )
         _wait_for(lambda: "worker.1" in edge.log() and "Listening on ::1" in edge.log())
         request = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -52,13 +57,21 @@ def test_two_processes_share_the_listeners(tmp_path: Path) -> None:
             assert exchange(port, request, host="::1").status == 200
             log = edge.log()
             own = len(re.findall(r"\[matrix_edge\.access\.client-\d+#info\]", log))
-            worker = len(re.findall(r"\[matrix_edge\.worker\.1#info\] \[matrix_edge\.access", log))
+            worker = len(
+                re.findall(
+                    r"\[matrix_edge\.worker\.1#info\] \[matrix_edge\.access", log
+                )
+            )
             return own > 0 and worker > 0
 
         _wait_for(served_by_both)
 
         os.kill(edge.pid, signal.SIGHUP)
-        _wait_for(lambda: re.search(r"worker\.1#info\] \[matrix_edge\.tls#info\] Reloading", edge.log()))
+        _wait_for(
+            lambda: re.search(
+                r"worker\.1#info\] \[matrix_edge\.tls#info\] Reloading", edge.log()
+            )
+        )
 
         edge.stop()
         _wait_for(lambda: not _alive(worker_pid))
@@ -70,17 +83,22 @@ def test_two_processes_share_the_listeners(tmp_path: Path) -> None:
 
 def test_a_worker_that_dies_is_started_again(tmp_path: Path) -> None:
     port = processes.free_port()
-    config = processes.write_config(tmp_path / "edge.yaml", {
-        "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
-        "upstream": "http://127.0.0.1:1",
-        "processes": 2,
-    })
+    config = processes.write_config(
+        tmp_path / "edge.yaml",
+        {
+            "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
+            "upstream": "http://127.0.0.1:1",
+            "processes": 2,
+        },
+    )
     edge = processes.start_edge(config, tmp_path / "edge.log", wait=("127.0.0.1", port))
     try:
         _wait_for(lambda: "Started worker 1" in edge.log())
         first = int(re.search(r"Started worker 1 \(pid (\d+)\)", edge.log()).group(1))
         os.kill(first, signal.SIGKILL)
-        _wait_for(lambda: len(re.findall(r"Started worker 1 \(pid (\d+)\)", edge.log())) == 2)
+        _wait_for(
+            lambda: len(re.findall(r"Started worker 1 \(pid (\d+)\)", edge.log())) == 2
+        )
         assert "Worker 1 exited" in edge.log()
     finally:
         edge.stop()

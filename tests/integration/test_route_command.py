@@ -164,7 +164,10 @@ def test_unmatched_and_refused_requests(dispatcher):
 def _twistd(config: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [processes.TWISTD, "-n", "--pidfile=", "matrix-edge", "-c", str(config), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=processes.REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=processes.REPO,
         env=dict(os.environ, PYTHONPATH=str(processes.REPO)),
     )
 
@@ -226,12 +229,18 @@ def test_route_commands(tmp_path, every_pool_config, dispatcher):
         "main": ["POST", "/_matrix/client/v3/logout"],
         "token": ["--token", TOKEN, "GET", "/_matrix/client/v3/sync?since=x"],
         "unknown-token": [
-            "--token", "secret-unknown-token", "--client-ip", "198.51.100.4",
-            "GET", "/_matrix/client/v3/sync?since=x",
+            "--token",
+            "secret-unknown-token",
+            "--client-ip",
+            "198.51.100.4",
+            "GET",
+            "/_matrix/client/v3/sync?since=x",
         ],
     }
     try:
-        running = {name: _twistd(config, "route", *args) for name, args in commands.items()}
+        running = {
+            name: _twistd(config, "route", *args) for name, args in commands.items()
+        }
         out = {name: _finish(process) for name, process in running.items()}
     finally:
         main.stop()
@@ -244,7 +253,11 @@ def test_route_commands(tmp_path, every_pool_config, dispatcher):
     lines = stdout.splitlines()
     assert lines[0] == "GET /_matrix/client/v3/sync?since=x"
     assert [line.split(":")[0].strip() for line in lines[1:]] == [
-        "route", "pool", "policy", "key", "worker"
+        "route",
+        "pool",
+        "policy",
+        "key",
+        "worker",
     ]
     assert field(stdout, "key") == "@u7:hs"
     synchrotron = document["workers"]["pools"]["synchrotron"]
@@ -254,14 +267,16 @@ def test_route_commands(tmp_path, every_pool_config, dispatcher):
 
     stdout = out["origin"][0]
     assert (field(stdout, "route"), field(stdout, "key")) == (
-        "federation-send", "s3.example"
+        "federation-send",
+        "s3.example",
     )
     assert stdout == explain_route(
         in_process, "PUT", "/_matrix/federation/v1/send/t1", origin="s3.example"
     )
     stdout = out["room"][0]
     assert (field(stdout, "route"), field(stdout, "key")) == (
-        "room-messages", "!OGEhHVWSdvArJzumhm:example.org"
+        "room-messages",
+        "!OGEhHVWSdvArJzumhm:example.org",
     )
     assert field(stdout, "worker") == field(
         explain_route(in_process, "GET", commands["room"][1]), "worker"
@@ -302,7 +317,10 @@ def test_route_needs_a_method_and_url(every_pool_config):
 def _choices_in_process(config: Path, seed: str) -> list[str]:
     result = subprocess.run(
         [sys.executable, "-m", "tests.route_choices", str(config), "50"],
-        capture_output=True, text=True, timeout=60, cwd=processes.REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=processes.REPO,
         env=dict(os.environ, PYTHONPATH=str(processes.REPO), PYTHONHASHSEED=seed),
     )
     assert result.returncode == 0, result.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -28,11 +27,14 @@ def edge(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("streaming")
     upstream_port = processes.free_port()
     port = processes.free_port()
-    config = processes.write_config(tmp / "edge.yaml", {
-        "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
-        "upstream": f"http://127.0.0.1:{upstream_port}",
-        "max_upload_size": "60M",
-    })
+    config = processes.write_config(
+        tmp / "edge.yaml",
+        {
+            "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
+            "upstream": f"http://127.0.0.1:{upstream_port}",
+            "max_upload_size": "60M",
+        },
+    )
     upstream = processes.start_upstream(upstream_port, tmp / "upstream.log")
     edge = processes.start_edge(config, tmp / "edge.log", wait=("127.0.0.1", port))
     # Warm up the process so the first-request allocations are not counted.
@@ -88,7 +90,9 @@ def test_50mb_download_to_a_slow_reader(edge) -> None:
     before = processes.memory_kib(process.pid)
     started = time.monotonic()
     with connect(port) as sock:
-        sock.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 65536)
+        sock.setsockopt(
+            __import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 65536
+        )
         sock.sendall(b"GET /_matrix/big?mb=50 HTTP/1.1\r\nHost: h\r\n\r\n")
         # Read nothing for a while: the edge must stop reading Synapse
         # rather than queue the body.
@@ -120,14 +124,23 @@ def tls_edge(tmp_path_factory):
     pki = make_pki(tmp / "pki")
     upstream_port = processes.free_port()
     port = processes.free_port()
-    config = processes.write_config(tmp / "edge.yaml", {
-        "listeners": [{
-            "port": port, "bind_addresses": ["127.0.0.1"],
-            "tls": {"certificate_path": str(pki.chain_path), "private_key_path": str(pki.key_path)},
-        }],
-        "upstream": f"http://127.0.0.1:{upstream_port}",
-        "max_upload_size": "60M",
-    })
+    config = processes.write_config(
+        tmp / "edge.yaml",
+        {
+            "listeners": [
+                {
+                    "port": port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "tls": {
+                        "certificate_path": str(pki.chain_path),
+                        "private_key_path": str(pki.key_path),
+                    },
+                }
+            ],
+            "upstream": f"http://127.0.0.1:{upstream_port}",
+            "max_upload_size": "60M",
+        },
+    )
     upstream = processes.start_upstream(upstream_port, tmp / "upstream.log")
     edge = processes.start_edge(config, tmp / "edge.log", wait=("127.0.0.1", port))
     yield edge, port
@@ -146,8 +159,10 @@ def test_50mb_over_http2_both_ways(tls_edge) -> None:
         before = processes.memory_kib(process.pid)
         started = time.monotonic()
         upload = client.start(
-            b"POST", b"/_matrix/media/v3/upload",
-            headers=[(b"content-length", b"%d" % SIZE)], end_stream=False,
+            b"POST",
+            b"/_matrix/media/v3/upload",
+            headers=[(b"content-length", b"%d" % SIZE)],
+            end_stream=False,
         )
         client.send_body(upload, SIZE)
         client.until(lambda: client.streams[upload].ended, timeout=120)
@@ -156,7 +171,9 @@ def test_50mb_over_http2_both_ways(tls_edge) -> None:
         assert json.loads(bytes(client.streams[upload].body))["body_length"] == SIZE
 
         started = time.monotonic()
-        download = client.start(b"GET", b"/_matrix/big?mb=50", keep_body=False, withhold_credit=True)
+        download = client.start(
+            b"GET", b"/_matrix/big?mb=50", keep_body=False, withhold_credit=True
+        )
         client.until(lambda: client.streams[download].received > 0)
         time.sleep(2)  # the reader holds back: flow control must stop the edge
         paused = processes.memory_kib(process.pid)

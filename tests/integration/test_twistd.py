@@ -23,21 +23,33 @@ from tests.rawhttp import connect, exchange, read_response
 def _run_twistd(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [processes.TWISTD, "-n", "--pidfile=", "matrix-edge", *args],
-        capture_output=True, text=True, timeout=60, cwd=processes.REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=processes.REPO,
     )
 
 
 def test_check_config_names_the_key(tmp_path: Path) -> None:
     config = tmp_path / "edge.yaml"
-    config.write_text(yaml.safe_dump({
-        "listeners": [
-            {"port": 8443, "type": "client"},
-            {"port": 8448, "type": "federation",
-             "tls": {"certificate_path": str(tmp_path / "missing.pem"),
-                     "private_key_path": str(tmp_path / "missing.key")}},
-        ],
-        "upstream": "http://127.0.0.1:8008",
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listeners": [
+                    {"port": 8443, "type": "client"},
+                    {
+                        "port": 8448,
+                        "type": "federation",
+                        "tls": {
+                            "certificate_path": str(tmp_path / "missing.pem"),
+                            "private_key_path": str(tmp_path / "missing.key"),
+                        },
+                    },
+                ],
+                "upstream": "http://127.0.0.1:8008",
+            }
+        )
+    )
     result = _run_twistd("--config", str(config), "--check-config")
     assert result.returncode != 0
     assert "listeners[1].tls.certificate_path: file not found:" in result.stderr
@@ -48,13 +60,34 @@ def test_check_config_names_the_key(tmp_path: Path) -> None:
     ("document", "message"),
     [
         ("listeners: []\nupstream: http://127.0.0.1:8008\n", "listeners: at least one"),
-        ("listeners:\n  - {port: 70000}\nupstream: x\n", "listeners[0].port: must be at most 65535"),
-        ("listeners:\n  - {port: 1, typo: 2}\nupstream: x\n", "listeners[0].typo: unknown key"),
-        ("listeners:\n  - {port: 1}\nupstream: http://h:8008/x\n", "upstream: give the address only"),
-        ("listeners:\n  - {port: 1}\nupstream: unix:/s\nmax_upload_size: lots\n", "max_upload_size: expected a size"),
-        ("listeners:\n  - {port: 1}\nupstream: unix:/s\ntimeouts: {body_idle: 5 years}\n", "timeouts.body_idle: expected a duration"),
-        ("listeners:\n  - {port: 1}\nupstream: unix:/s\ntrusted_proxies: [10.0.0.1/8]\n", "trusted_proxies[0]: expected a CIDR"),
-        ("listeners:\n  - {port: 1}\nupstream: unix:/s\nwell_known: {server: 'bad name:1'}\n", "well_known.server: invalid host name"),
+        (
+            "listeners:\n  - {port: 70000}\nupstream: x\n",
+            "listeners[0].port: must be at most 65535",
+        ),
+        (
+            "listeners:\n  - {port: 1, typo: 2}\nupstream: x\n",
+            "listeners[0].typo: unknown key",
+        ),
+        (
+            "listeners:\n  - {port: 1}\nupstream: http://h:8008/x\n",
+            "upstream: give the address only",
+        ),
+        (
+            "listeners:\n  - {port: 1}\nupstream: unix:/s\nmax_upload_size: lots\n",
+            "max_upload_size: expected a size",
+        ),
+        (
+            "listeners:\n  - {port: 1}\nupstream: unix:/s\ntimeouts: {body_idle: 5 years}\n",
+            "timeouts.body_idle: expected a duration",
+        ),
+        (
+            "listeners:\n  - {port: 1}\nupstream: unix:/s\ntrusted_proxies: [10.0.0.1/8]\n",
+            "trusted_proxies[0]: expected a CIDR",
+        ),
+        (
+            "listeners:\n  - {port: 1}\nupstream: unix:/s\nwell_known: {server: 'bad name:1'}\n",
+            "well_known.server: invalid host name",
+        ),
         ("listeners: [\n", "is not valid YAML"),
     ],
 )
@@ -68,12 +101,21 @@ def test_check_config_errors(tmp_path: Path, document: str, message: str) -> Non
 
 
 def test_check_config_names_a_workers_key(tmp_path: Path) -> None:
-    config = processes.write_config(tmp_path / "edge.yaml", {
-        "listeners": [{"port": 8443}],
-        "upstream": "http://127.0.0.1:8008",
-        "workers": {"pools": {"synchrotron": [
-            "http://127.0.0.1:8083", "http://127.0.0.1:8084/_matrix"]}},
-    })
+    config = processes.write_config(
+        tmp_path / "edge.yaml",
+        {
+            "listeners": [{"port": 8443}],
+            "upstream": "http://127.0.0.1:8008",
+            "workers": {
+                "pools": {
+                    "synchrotron": [
+                        "http://127.0.0.1:8083",
+                        "http://127.0.0.1:8084/_matrix",
+                    ]
+                }
+            },
+        },
+    )
     result = _run_twistd("--config", str(config), "--check-config")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
@@ -109,11 +151,21 @@ def test_generated_config_is_valid(tmp_path: Path) -> None:
 def test_bad_certificate_named_at_check(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
-    config = processes.write_config(tmp_path / "edge.yaml", {
-        "listeners": [{"port": 8443, "tls": {
-            "certificate_path": str(garbage), "private_key_path": str(garbage)}}],
-        "upstream": "http://127.0.0.1:8008",
-    })
+    config = processes.write_config(
+        tmp_path / "edge.yaml",
+        {
+            "listeners": [
+                {
+                    "port": 8443,
+                    "tls": {
+                        "certificate_path": str(garbage),
+                        "private_key_path": str(garbage),
+                    },
+                }
+            ],
+            "upstream": "http://127.0.0.1:8008",
+        },
+    )
     result = _run_twistd("--config", str(config), "--check-config")
     assert result.returncode != 0
     assert "listeners[0].tls:" in result.stderr
@@ -126,10 +178,13 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        config = processes.write_config(tmp_path / "edge.yaml", {
-            "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
-            "upstream": "http://127.0.0.1:8008",
-        })
+        config = processes.write_config(
+            tmp_path / "edge.yaml",
+            {
+                "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
+                "upstream": "http://127.0.0.1:8008",
+            },
+        )
         result = _run_twistd("--config", str(config))
     assert result.returncode != 0
     # In the foreground, twistd sends stderr into its log on stdout.
@@ -150,19 +205,38 @@ def tls_edge(tmp_path: Path):
     client_port = processes.free_port()
     federation_port = processes.free_port()
     tls = {"certificate_path": str(live_chain), "private_key_path": str(live_key)}
-    config = processes.write_config(tmp_path / "edge.yaml", {
-        "listeners": [
-            {"port": client_port, "bind_addresses": ["127.0.0.1", "::1"], "type": "client", "tls": tls},
-            {"port": federation_port, "bind_addresses": ["127.0.0.1", "::1"], "type": "federation", "tls": tls},
-        ],
-        "upstream": f"http://127.0.0.1:{upstream_port}",
-    })
+    config = processes.write_config(
+        tmp_path / "edge.yaml",
+        {
+            "listeners": [
+                {
+                    "port": client_port,
+                    "bind_addresses": ["127.0.0.1", "::1"],
+                    "type": "client",
+                    "tls": tls,
+                },
+                {
+                    "port": federation_port,
+                    "bind_addresses": ["127.0.0.1", "::1"],
+                    "type": "federation",
+                    "tls": tls,
+                },
+            ],
+            "upstream": f"http://127.0.0.1:{upstream_port}",
+        },
+    )
     upstream = processes.start_upstream(upstream_port, tmp_path / "upstream.log")
-    edge = processes.start_edge(config, tmp_path / "edge.log", wait=("127.0.0.1", client_port))
+    edge = processes.start_edge(
+        config, tmp_path / "edge.log", wait=("127.0.0.1", client_port)
+    )
     processes.wait_for_port(federation_port, "::1", process=edge.popen)
     yield {
-        "pki": pki, "edge": edge, "client_port": client_port,
-        "federation_port": federation_port, "chain": live_chain, "key": live_key,
+        "pki": pki,
+        "edge": edge,
+        "client_port": client_port,
+        "federation_port": federation_port,
+        "chain": live_chain,
+        "key": live_key,
     }
     edge.stop()
     upstream.stop()
@@ -181,7 +255,9 @@ def test_tls_forwarding_on_both_ports_and_families(tls_edge) -> None:
             with connect(port, host, context, server_hostname="matrix.test") as sock:
                 assert sock.version() in ("TLSv1.2", "TLSv1.3")
                 assert sock.selected_alpn_protocol() in (None, "http/1.1")
-                sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: matrix.test\r\n\r\n")
+                sock.sendall(
+                    b"GET " + target + b" HTTP/1.1\r\nHost: matrix.test\r\n\r\n"
+                )
                 response = read_response(sock)
             assert response.status == 200
             echoed = json.loads(response.body)
@@ -208,7 +284,9 @@ def test_chain_is_served(tls_edge) -> None:
     # The client trusts only the root: the intermediate must come from the
     # server for verification to succeed.
     context = _client_context(tls_edge["pki"])
-    with connect(tls_edge["client_port"], tls=context, server_hostname="matrix.test") as sock:
+    with connect(
+        tls_edge["client_port"], tls=context, server_hostname="matrix.test"
+    ) as sock:
         assert sock.getpeercert()["subject"]
 
 
@@ -227,7 +305,9 @@ def test_sighup_swaps_certificate_keeping_connections(tls_edge) -> None:
 
     with connect(port, tls=context, server_hostname="matrix.test") as old:
         before = organization(old)
-        rotated = pki.issue_leaf("rotated", hostnames=["matrix.test"], organization="rotated")
+        rotated = pki.issue_leaf(
+            "rotated", hostnames=["matrix.test"], organization="rotated"
+        )
         rotated.install(tls_edge["chain"], tls_edge["key"])
         os.kill(tls_edge["edge"].pid, signal.SIGHUP)
         deadline = time.monotonic() + 20
@@ -245,15 +325,28 @@ def test_sighup_swaps_certificate_keeping_connections(tls_edge) -> None:
 
 def test_daemonises_with_pidfile(tmp_path: Path) -> None:
     port = processes.free_port()
-    config = processes.write_config(tmp_path / "edge.yaml", {
-        "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
-        "upstream": "http://127.0.0.1:1",
-    })
+    config = processes.write_config(
+        tmp_path / "edge.yaml",
+        {
+            "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
+            "upstream": "http://127.0.0.1:1",
+        },
+    )
     pidfile = tmp_path / "edge.pid"
     result = subprocess.run(
-        [processes.TWISTD, "--pidfile", str(pidfile), "--logfile", str(tmp_path / "edge.log"),
-         "matrix-edge", "--config", str(config)],
-        capture_output=True, text=True, timeout=60,
+        [
+            processes.TWISTD,
+            "--pidfile",
+            str(pidfile),
+            "--logfile",
+            str(tmp_path / "edge.log"),
+            "matrix-edge",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     processes.wait_for_port(port)
@@ -263,10 +356,15 @@ def test_daemonises_with_pidfile(tmp_path: Path) -> None:
         assert response.body == b"OK"
         # No Synapse at the upstream: a Matrix error, and a log line that
         # says why.
-        response = exchange(port, b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = exchange(
+            port, b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
         assert response.status == 502
         assert json.loads(response.body)["errcode"] == "M_UNKNOWN"
-        assert "No Synapse answers at http://127.0.0.1:1" in (tmp_path / "edge.log").read_text()
+        assert (
+            "No Synapse answers at http://127.0.0.1:1"
+            in (tmp_path / "edge.log").read_text()
+        )
     finally:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 20

@@ -7,15 +7,28 @@ import ipaddress
 import pytest
 import yaml
 
-from matrix_edge.config._base import ConfigError, format_path, parse_duration, parse_size
+from matrix_edge.config._base import (
+    ConfigError,
+    format_path,
+    parse_duration,
+    parse_size,
+)
 from matrix_edge.config.edge import default_config_text, parse_config
 from matrix_edge.config.well_known import check_server_name
 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(0, 0), (1024, 1024), ("512", 512), ("1K", 1024), ("50M", 50 << 20),
-     ("2g", 2 << 30), ("1T", 1 << 40), ("10MB", 10 << 20)],
+    [
+        (0, 0),
+        (1024, 1024),
+        ("512", 512),
+        ("1K", 1024),
+        ("50M", 50 << 20),
+        ("2g", 2 << 30),
+        ("1T", 1 << 40),
+        ("10MB", 10 << 20),
+    ],
 )
 def test_parse_size(value, expected):
     assert parse_size(value, ("x",)) == expected
@@ -30,8 +43,16 @@ def test_parse_size_rejects(value):
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(500, 0.5), ("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0),
-     ("1d", 86400.0), ("1w", 604800.0), ("1.5s", 1.5)],
+    [
+        (500, 0.5),
+        ("500ms", 0.5),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1d", 86400.0),
+        ("1w", 604800.0),
+        ("1.5s", 1.5),
+    ],
 )
 def test_parse_duration(value, expected):
     assert parse_duration(value, ("x",)) == expected
@@ -81,10 +102,12 @@ def test_values_are_frozen():
 
 @pytest.mark.parametrize(
     ("upstream", "expected"),
-    [("http://127.0.0.1:8008", ("127.0.0.1", 8008, "")),
-     ("http://[::1]:8008", ("::1", 8008, "")),
-     ("http://synapse.internal", ("synapse.internal", 80, "")),
-     ("unix:/run/synapse/main.sock", ("", 0, "/run/synapse/main.sock"))],
+    [
+        ("http://127.0.0.1:8008", ("127.0.0.1", 8008, "")),
+        ("http://[::1]:8008", ("::1", 8008, "")),
+        ("http://synapse.internal", ("synapse.internal", 80, "")),
+        ("unix:/run/synapse/main.sock", ("", 0, "/run/synapse/main.sock")),
+    ],
 )
 def test_upstream_forms(upstream, expected):
     address = parse_config(_minimal(upstream=upstream)).upstream
@@ -99,23 +122,59 @@ def test_upstream_forms(upstream, expected):
         (_minimal(upstream="http://x:8008/"), None),
         (_minimal(upstream="http://x:8008/_matrix"), "upstream: give the address only"),
         (_minimal(upstream="unix:relative.sock"), "upstream: a unix socket needs"),
-        (_minimal(listeners=[{"port": 1, "type": "admin"}]), "listeners[0].type: expected"),
-        (_minimal(listeners=[{"port": 1, "bind_addresses": ["localhost"]}]),
-         "listeners[0].bind_addresses[0]: expected an IP address"),
-        (_minimal(listeners=[{"port": 1}, {"port": 1}]), "listeners[1].port: :: port 1 is already used"),
-        (_minimal(listeners=[{"port": 1, "tls": {"certificate_path": "/nonexistent"}}]),
-         "listeners[0].tls.certificate_path: file not found: /nonexistent"),
+        (
+            _minimal(listeners=[{"port": 1, "type": "admin"}]),
+            "listeners[0].type: expected",
+        ),
+        (
+            _minimal(listeners=[{"port": 1, "bind_addresses": ["localhost"]}]),
+            "listeners[0].bind_addresses[0]: expected an IP address",
+        ),
+        (
+            _minimal(listeners=[{"port": 1}, {"port": 1}]),
+            "listeners[1].port: :: port 1 is already used",
+        ),
+        (
+            _minimal(
+                listeners=[{"port": 1, "tls": {"certificate_path": "/nonexistent"}}]
+            ),
+            "listeners[0].tls.certificate_path: file not found: /nonexistent",
+        ),
         (_minimal(trusted_proxies="10.0.0.0/8"), "trusted_proxies: expected a list"),
-        (_minimal(trusted_proxies=["10.0.0.1/8"]), "trusted_proxies[0]: expected a CIDR"),
-        (_minimal(timeouts={"upstream_connect": 0}), "timeouts.upstream_connect: must be greater"),
+        (
+            _minimal(trusted_proxies=["10.0.0.1/8"]),
+            "trusted_proxies[0]: expected a CIDR",
+        ),
+        (
+            _minimal(timeouts={"upstream_connect": 0}),
+            "timeouts.upstream_connect: must be greater",
+        ),
         (_minimal(timeouts={"sync": "1s"}), "timeouts.sync: unknown key"),
-        (_minimal(upstream_pool={"max_idle_connections": 0}), "upstream_pool.max_idle_connections: must be at least 1"),
-        (_minimal(access_log={"enabled": "yes"}), "access_log.enabled: expected true or false"),
-        (_minimal(access_log={"path": "/nonexistent/dir/access.log"}), "access_log.path: directory not found: /nonexistent/dir"),
-        (_minimal(access_log={"format": "xml"}), "access_log.format: expected 'text' or 'json'"),
+        (
+            _minimal(upstream_pool={"max_idle_connections": 0}),
+            "upstream_pool.max_idle_connections: must be at least 1",
+        ),
+        (
+            _minimal(access_log={"enabled": "yes"}),
+            "access_log.enabled: expected true or false",
+        ),
+        (
+            _minimal(access_log={"path": "/nonexistent/dir/access.log"}),
+            "access_log.path: directory not found: /nonexistent/dir",
+        ),
+        (
+            _minimal(access_log={"format": "xml"}),
+            "access_log.format: expected 'text' or 'json'",
+        ),
         (_minimal(well_known={"server": "x:99999"}), "well_known.server: invalid port"),
-        (_minimal(well_known={"client": "https://x"}), "well_known.client: expected a mapping"),
-        (_minimal(listeners=[{"port": 1, "http2": True}]), "listeners[0].http2: HTTP/2 needs `tls`"),
+        (
+            _minimal(well_known={"client": "https://x"}),
+            "well_known.client: expected a mapping",
+        ),
+        (
+            _minimal(listeners=[{"port": 1, "http2": True}]),
+            "listeners[0].http2: HTTP/2 needs `tls`",
+        ),
         (_minimal(extra=1), "extra: unknown key"),
         ([], "expected a mapping"),
     ],
@@ -138,23 +197,51 @@ def test_trusted_proxies_parsed():
 
 
 def test_well_known_documents():
-    config = parse_config(_minimal(well_known={
-        "server": "hs1.test:8448",
-        "client": {"m.homeserver": {"base_url": "https://hs1.test"}},
-    }))
+    config = parse_config(
+        _minimal(
+            well_known={
+                "server": "hs1.test:8448",
+                "client": {"m.homeserver": {"base_url": "https://hs1.test"}},
+            }
+        )
+    )
     assert config.well_known.server == b'{"m.server": "hs1.test:8448"}'
-    assert config.well_known.client == b'{"m.homeserver": {"base_url": "https://hs1.test"}}'
+    assert (
+        config.well_known.client
+        == b'{"m.homeserver": {"base_url": "https://hs1.test"}}'
+    )
     assert config.well_known.support is None
 
 
-@pytest.mark.parametrize("name", ["example.org", "example.org:8448", "1.2.3.4:443",
-                                  "[::1]", "[2001:db8::1]:8448", "localhost"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "example.org",
+        "example.org:8448",
+        "1.2.3.4:443",
+        "[::1]",
+        "[2001:db8::1]:8448",
+        "localhost",
+    ],
+)
 def test_server_names_accepted(name):
     check_server_name(name, ("well_known", "server"))
 
 
-@pytest.mark.parametrize("name", ["", "exa mple.org", "example.org:", "example.org:0",
-                                  "[::1", "[nope]:1", "a..b", "x:65536", "https://x"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "exa mple.org",
+        "example.org:",
+        "example.org:0",
+        "[::1",
+        "[nope]:1",
+        "a..b",
+        "x:65536",
+        "https://x",
+    ],
+)
 def test_server_names_refused(name):
     with pytest.raises(ConfigError):
         check_server_name(name, ("well_known", "server"))
@@ -173,6 +260,8 @@ def test_generated_config_documents_every_key():
     assert config.listeners[0].port == 443
     assert config.listeners[1].port == 8448
     assert config == parse_config(
-        {"listeners": [{"port": 443}, {"port": 8448, "type": "federation"}],
-         "upstream": "http://127.0.0.1:8008"}
+        {
+            "listeners": [{"port": 443}, {"port": 8448, "type": "federation"}],
+            "upstream": "http://127.0.0.1:8008",
+        }
     )

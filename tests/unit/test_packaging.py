@@ -3,8 +3,9 @@ normal (not editable) install has every module and data file."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -71,9 +71,20 @@ def test_request_line_is_the_clients_bytes():
     [
         ([b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"], b"hello"),
         ([b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe", b"l", b"lo"], b"hello"),
-        ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
-          b"lo\r\n6\r\n worl", b"d\r\n0\r\nX-Trailer: t\r\n\r\n"], b"hello world"),
-        ([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], b"ok"),
+        (
+            [
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+                b"lo\r\n6\r\n worl",
+                b"d\r\n0\r\nX-Trailer: t\r\n\r\n",
+            ],
+            b"hello world",
+        ),
+        (
+            [
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            ],
+            b"ok",
+        ),
         ([b"HTTP/1.1 200 OK\r\n", b"Content-Length: 2\r\n", b"\r\nok"], b"ok"),
     ],
 )
@@ -144,7 +155,7 @@ def test_close_delimited_body_ends_with_the_connection():
     clock, upstream = make_upstream()
     recorder = Recorder()
     upstream.request(b"GET", b"/x", HEADERS, None, recorder)
-    protocol, transport = connect(clock)
+    protocol, _transport = connect(clock)
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nsome")
     protocol.dataReceived(b" body")
     protocol.connectionLost(None)
@@ -162,7 +173,7 @@ def test_broken_off_responses_are_incomplete(response):
     clock, upstream = make_upstream()
     recorder = Recorder()
     upstream.request(b"GET", b"/x", HEADERS, None, recorder)
-    protocol, transport = connect(clock)
+    protocol, _transport = connect(clock)
     protocol.dataReceived(response)
     protocol.connectionLost(None)
     assert recorder.events[-1] == ("end", False)
@@ -208,7 +219,9 @@ def test_stale_keep_alive_connection_is_retried_once():
 def test_body_is_framed_and_back_pressure_reaches_the_client():
     clock, upstream = make_upstream()
     paused = []
-    body = RequestBody(None, ClientReading(lambda: paused.append(True), lambda: paused.append(False)))
+    body = RequestBody(
+        None, ClientReading(lambda: paused.append(True), lambda: paused.append(False))
+    )
     recorder = Recorder()
     upstream.request(b"POST", b"/up", HEADERS, body, recorder)
     body.write(b"early")  # before the connection is up: held
@@ -219,7 +232,9 @@ def test_body_is_framed_and_back_pressure_reaches_the_client():
         b"Transfer-Encoding: chunked\r\n\r\n5\r\nearly\r\n4\r\nlate\r\n0\r\n\r\n"
     )
     assert transport.producer is None  # unregistered once the body is sent
-    body2 = RequestBody(3, ClientReading(lambda: paused.append(True), lambda: paused.append(False)))
+    body2 = RequestBody(
+        3, ClientReading(lambda: paused.append(True), lambda: paused.append(False))
+    )
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     upstream.request(b"PUT", b"/up", HEADERS, body2, Recorder())
     assert transport.producer is body2
@@ -250,7 +265,9 @@ def test_local_descriptor_shortage_is_not_an_upstream_failure():
     from matrix_edge.http.upstream import is_local_shortage
 
     assert is_local_shortage(Failure(ConnectError(osError=errno.EMFILE)))
-    assert is_local_shortage(Failure(OSError(errno.ENFILE, "Too many open files in system")))
+    assert is_local_shortage(
+        Failure(OSError(errno.ENFILE, "Too many open files in system"))
+    )
     assert not is_local_shortage(Failure(ConnectionRefusedError()))
 
 

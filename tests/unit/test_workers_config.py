@@ -16,11 +16,13 @@ SYNC2 = "http://127.0.0.1:8084"
 
 
 def _config(**workers):
-    return parse_config({
-        "listeners": [{"port": 8080}],
-        "upstream": "http://127.0.0.1:8008",
-        "workers": workers,
-    })
+    return parse_config(
+        {
+            "listeners": [{"port": 8080}],
+            "upstream": "http://127.0.0.1:8008",
+            "workers": workers,
+        }
+    )
 
 
 def _error(**workers) -> str:
@@ -30,8 +32,12 @@ def _error(**workers) -> str:
 
 
 def _route(**entry):
-    route = {"name": "mine", "pool": "synchrotron", "policy": "user",
-             "patterns": ["^/_matrix/client/v3/mine$"]}
+    route = {
+        "name": "mine",
+        "pool": "synchrotron",
+        "policy": "user",
+        "patterns": ["^/_matrix/client/v3/mine$"],
+    }
     route.update(entry)
     return route
 
@@ -53,18 +59,25 @@ def test_short_form_is_a_list_of_addresses():
     assert [str(a) for a in pool.addresses] == [SYNC, SYNC2, "unix:/run/synapse/s.sock"]
     assert pool == PoolConfig(addresses=pool.addresses)
     assert (pool.balance, pool.max_concurrent, pool.queue, pool.queue_timeout) == (
-        None, 0, 0, 5.0
+        None,
+        0,
+        0,
+        5.0,
     )
 
 
 def test_long_form():
-    config = _config(pools={"client_reader": {
-        "addresses": [SYNC],
-        "balance": "round_robin",
-        "max_concurrent": 500,
-        "queue": 100,
-        "queue_timeout": "2500ms",
-    }})
+    config = _config(
+        pools={
+            "client_reader": {
+                "addresses": [SYNC],
+                "balance": "round_robin",
+                "max_concurrent": 500,
+                "queue": 100,
+                "queue_timeout": "2500ms",
+            }
+        }
+    )
     pool = config.workers.pools["client_reader"]
     assert [str(a) for a in pool.addresses] == [SYNC]
     assert pool.balance is Policy.ROUND_ROBIN
@@ -79,10 +92,12 @@ def test_long_form_defaults():
 
 
 def test_balance_overrides_only_in_the_pool():
-    pools = _config(pools={
-        "client_reader": {"addresses": [SYNC, SYNC2], "balance": "source_ip"},
-        "synchrotron": [SYNC],
-    }).workers.pools
+    pools = _config(
+        pools={
+            "client_reader": {"addresses": [SYNC, SYNC2], "balance": "source_ip"},
+            "synchrotron": [SYNC],
+        }
+    ).workers.pools
     assert pools["client_reader"].balance is Policy.SOURCE_IP
     assert pools["synchrotron"].balance is None
 
@@ -90,44 +105,81 @@ def test_balance_overrides_only_in_the_pool():
 @pytest.mark.parametrize(
     ("pools", "message"),
     [
-        ({"synchrotron": {"addresses": [SYNC], "weight": 2}},
-         "workers.pools.synchrotron.weight: unknown key (expected one of: "
-         "addresses, balance, max_concurrent, queue, queue_timeout)"),
-        ({"synchrotron": [SYNC, "https://127.0.0.1:8084"]},
-         "workers.pools.synchrotron[1]: expected http://HOST:PORT or unix:"),
-        ({"synchrotron": [SYNC, "http://127.0.0.1:8084/_matrix"]},
-         "workers.pools.synchrotron[1]: give the address only"),
-        ({"synchrotron": [SYNC, "unix:relative.sock"]},
-         "workers.pools.synchrotron[1]: a unix socket needs an absolute path"),
-        ({"client_reader": {"addresses": [SYNC, 8084]}},
-         "workers.pools.client_reader.addresses[1]: expected a non-empty string"),
-        ({"synchrotron": [SYNC, SYNC]}, "workers.pools.synchrotron[1]: "
-         "http://127.0.0.1:8083 is listed twice"),
+        (
+            {"synchrotron": {"addresses": [SYNC], "weight": 2}},
+            "workers.pools.synchrotron.weight: unknown key (expected one of: "
+            "addresses, balance, max_concurrent, queue, queue_timeout)",
+        ),
+        (
+            {"synchrotron": [SYNC, "https://127.0.0.1:8084"]},
+            "workers.pools.synchrotron[1]: expected http://HOST:PORT or unix:",
+        ),
+        (
+            {"synchrotron": [SYNC, "http://127.0.0.1:8084/_matrix"]},
+            "workers.pools.synchrotron[1]: give the address only",
+        ),
+        (
+            {"synchrotron": [SYNC, "unix:relative.sock"]},
+            "workers.pools.synchrotron[1]: a unix socket needs an absolute path",
+        ),
+        (
+            {"client_reader": {"addresses": [SYNC, 8084]}},
+            "workers.pools.client_reader.addresses[1]: expected a non-empty string",
+        ),
+        (
+            {"synchrotron": [SYNC, SYNC]},
+            "workers.pools.synchrotron[1]: http://127.0.0.1:8083 is listed twice",
+        ),
         ({"synchrotron": []}, "workers.pools.synchrotron: list at least one address"),
-        ({"synchrotron": SYNC}, "workers.pools.synchrotron: expected a mapping, got a string"),
-        ({"client_reader": {"balance": "round_robin"}},
-         "workers.pools.client_reader.addresses: required"),
-        ({"client_reader": {"addresses": [SYNC], "balance": "least_conn"}},
-         "workers.pools.client_reader.balance: unknown policy 'least_conn'"),
-        ({"client_reader": {"addresses": [SYNC], "max_concurrent": -1}},
-         "workers.pools.client_reader.max_concurrent: must be at least 0"),
-        ({"client_reader": {"addresses": [SYNC], "queue": "lots"}},
-         "workers.pools.client_reader.queue: expected an integer"),
-        ({"client_reader": {"addresses": [SYNC], "queue_timeout": "soon"}},
-         "workers.pools.client_reader.queue_timeout: expected a duration"),
+        (
+            {"synchrotron": SYNC},
+            "workers.pools.synchrotron: expected a mapping, got a string",
+        ),
+        (
+            {"client_reader": {"balance": "round_robin"}},
+            "workers.pools.client_reader.addresses: required",
+        ),
+        (
+            {"client_reader": {"addresses": [SYNC], "balance": "least_conn"}},
+            "workers.pools.client_reader.balance: unknown policy 'least_conn'",
+        ),
+        (
+            {"client_reader": {"addresses": [SYNC], "max_concurrent": -1}},
+            "workers.pools.client_reader.max_concurrent: must be at least 0",
+        ),
+        (
+            {"client_reader": {"addresses": [SYNC], "queue": "lots"}},
+            "workers.pools.client_reader.queue: expected an integer",
+        ),
+        (
+            {"client_reader": {"addresses": [SYNC], "queue_timeout": "soon"}},
+            "workers.pools.client_reader.queue_timeout: expected a duration",
+        ),
         ({"Synchrotron": [SYNC]}, "workers.pools.Synchrotron: use lower case"),
         ({"sync-hrotron": [SYNC]}, "workers.pools.sync-hrotron: use lower case"),
-        ({MAIN: [SYNC]}, "workers.pools.main: `main` is Synapse's main process: set `upstream`"),
+        (
+            {MAIN: [SYNC]},
+            "workers.pools.main: `main` is Synapse's main process: set `upstream`",
+        ),
         # A typo: no route sends anything there.
-        ({"synchrotrons": [SYNC]},
-         "workers.pools.synchrotrons: no route sends requests to this pool"),
+        (
+            {"synchrotrons": [SYNC]},
+            "workers.pools.synchrotrons: no route sends requests to this pool",
+        ),
         # Stream writers and SSO are single processes.
-        ({"typing": [SYNC, SYNC2]},
-         "workers.pools.typing: route typing needs a single process here (a "
-         "Synapse stream writer, or SSO), got 2"),
-        ({"sso": {"addresses": [SYNC, SYNC2]}}, "workers.pools.sso: route sso needs a single"),
-        ({"client_reader": {"addresses": [SYNC, SYNC2], "balance": "single"}},
-         "workers.pools.client_reader.balance: `single` needs exactly one address, got 2"),
+        (
+            {"typing": [SYNC, SYNC2]},
+            "workers.pools.typing: route typing needs a single process here (a "
+            "Synapse stream writer, or SSO), got 2",
+        ),
+        (
+            {"sso": {"addresses": [SYNC, SYNC2]}},
+            "workers.pools.sso: route sso needs a single",
+        ),
+        (
+            {"client_reader": {"addresses": [SYNC, SYNC2], "balance": "single"}},
+            "workers.pools.client_reader.balance: `single` needs exactly one address, got 2",
+        ),
     ],
 )
 def test_pool_errors_name_the_key(pools, message):
@@ -150,8 +202,12 @@ def test_a_pool_only_a_config_route_uses():
 
 
 def test_a_single_writer_pool():
-    config = _config(pools={"typing": [SYNC], "client_reader": {
-        "addresses": [SYNC2], "balance": "single"}})
+    config = _config(
+        pools={
+            "typing": [SYNC],
+            "client_reader": {"addresses": [SYNC2], "balance": "single"},
+        }
+    )
     assert len(config.workers.pools["typing"].addresses) == 1
     assert config.workers.pools["client_reader"].balance is Policy.SINGLE
 
@@ -162,11 +218,15 @@ def test_a_single_writer_pool():
 def test_config_route_parsed():
     config = _config(
         pools={"synchrotron": [SYNC]},
-        routes=[_route(
-            methods=["GET", "HEAD"], query={"since": None, "set_presence": "offline"},
-            sticky=True, fallback=False,
-            patterns=["^/_matrix/client/v3/mine$", "^/_matrix/client/r0/mine$"],
-        )],
+        routes=[
+            _route(
+                methods=["GET", "HEAD"],
+                query={"since": None, "set_presence": "offline"},
+                sticky=True,
+                fallback=False,
+                patterns=["^/_matrix/client/v3/mine$", "^/_matrix/client/r0/mine$"],
+            )
+        ],
     )
     [route] = config.workers.routes
     assert route.name == "mine"
@@ -176,7 +236,8 @@ def test_config_route_parsed():
     assert route.query == ((b"since", None), (b"set_presence", b"offline"))
     assert route.sticky and not route.fallback
     assert [p.pattern for p in route.patterns] == [
-        b"^/_matrix/client/v3/mine$", b"^/_matrix/client/r0/mine$"
+        b"^/_matrix/client/v3/mine$",
+        b"^/_matrix/client/r0/mine$",
     ]
 
 
@@ -195,11 +256,19 @@ def test_config_route_defaults_and_pool_chains():
 def test_config_route_replaces_a_shipped_one_by_name():
     config = _config(
         pools={"synchrotron": [SYNC], "client_reader": [SYNC2]},
-        routes=[_route(name="sync", pool="client_reader", policy="round_robin",
-                       patterns=["^/_matrix/client/v3/sync$"])],
+        routes=[
+            _route(
+                name="sync",
+                pool="client_reader",
+                policy="round_robin",
+                patterns=["^/_matrix/client/v3/sync$"],
+            )
+        ],
     )
     [replacement] = config.workers.routes
-    table = effective_table(shipped_table(), config.workers.routes, config.workers.pools)
+    table = effective_table(
+        shipped_table(), config.workers.routes, config.workers.pools
+    )
     names = [r.name for r in table.routes]
     assert names.count("sync") == 1
     # In the shipped route's place, not in front of the table.
@@ -220,8 +289,14 @@ def test_replacing_the_only_route_of_a_pool_leaves_it_unused():
 def test_replacing_a_writer_route_lifts_the_single_process_rule():
     config = _config(
         pools={"typing": [SYNC, SYNC2]},
-        routes=[_route(name="typing", pool="typing", policy="room",
-                       patterns=["^/_matrix/client/v3/rooms/[^/]+/typing/"])],
+        routes=[
+            _route(
+                name="typing",
+                pool="typing",
+                policy="room",
+                patterns=["^/_matrix/client/v3/rooms/[^/]+/typing/"],
+            )
+        ],
     )
     assert len(config.workers.pools["typing"].addresses) == 2
 
@@ -239,43 +314,73 @@ def test_a_config_route_that_needs_a_single_process():
 @pytest.mark.parametrize(
     ("routes", "message"),
     [
-        ([_route(patterns=["^/_matrix/(client"])],
-         "workers.routes[0].patterns[0]: not a valid regular expression: "),
-        ([_route(patterns=["^/ok$", "[z-a]"])],
-         "workers.routes[0].patterns[1]: not a valid regular expression"),
-        ([_route(patterns=["^/ok$", "(?i)^/_matrix/client/v3/bridge"])],
-         "workers.routes[0].patterns[1]: global flags are not supported: use a "
-         "scoped flag, such as (?i:...)"),
-        ([_route(patterns=["^/rooms/(?P<room>[^/]+)$"])],
-         "workers.routes[0].patterns[0]: named groups and back-references"),
-        ([_route(patterns=[])], "workers.routes[0].patterns: give at least one pattern"),
+        (
+            [_route(patterns=["^/_matrix/(client"])],
+            "workers.routes[0].patterns[0]: not a valid regular expression: ",
+        ),
+        (
+            [_route(patterns=["^/ok$", "[z-a]"])],
+            "workers.routes[0].patterns[1]: not a valid regular expression",
+        ),
+        (
+            [_route(patterns=["^/ok$", "(?i)^/_matrix/client/v3/bridge"])],
+            "workers.routes[0].patterns[1]: global flags are not supported: use a "
+            "scoped flag, such as (?i:...)",
+        ),
+        (
+            [_route(patterns=["^/rooms/(?P<room>[^/]+)$"])],
+            "workers.routes[0].patterns[0]: named groups and back-references",
+        ),
+        (
+            [_route(patterns=[])],
+            "workers.routes[0].patterns: give at least one pattern",
+        ),
         ([_route(patterns="^/x$")], "workers.routes[0].patterns: expected a list"),
-        ([_route(policy="sticky_user")],
-         "workers.routes[0].policy: unknown policy 'sticky_user' (expected one of: "
-         "user, room, origin, uri, source_ip, round_robin, single)"),
-        ([_route(), _route(name="other", pool="synchrotrons")],
-         "workers.routes[1].pool: no pool 'synchrotrons' in workers.pools"),
-        ([_route(pool=["initial_sync", "synchrotron"])],
-         "workers.routes[0].pool[0]: no pool 'initial_sync' in workers.pools"),
+        (
+            [_route(policy="sticky_user")],
+            "workers.routes[0].policy: unknown policy 'sticky_user' (expected one of: "
+            "user, room, origin, uri, source_ip, round_robin, single)",
+        ),
+        (
+            [_route(), _route(name="other", pool="synchrotrons")],
+            "workers.routes[1].pool: no pool 'synchrotrons' in workers.pools",
+        ),
+        (
+            [_route(pool=["initial_sync", "synchrotron"])],
+            "workers.routes[0].pool[0]: no pool 'initial_sync' in workers.pools",
+        ),
         ([_route(pool=[])], "workers.routes[0].pool: name at least one pool"),
         ([_route(pool="Sync")], "workers.routes[0].pool: use lower case"),
         ([_route(), _route()], "workers.routes[1].name: route 'mine' is given twice"),
-        ([_route(name="My_Route")], "workers.routes[0].name: use lower case, digits and '-'"),
-        ([_route(methods=["GET", "get"])],
-         "workers.routes[0].methods[1]: expected a method such as GET, got 'get'"),
-        ([_route(methods=[])],
-         "workers.routes[0].methods: list at least one method, or leave the key out"),
+        (
+            [_route(name="My_Route")],
+            "workers.routes[0].name: use lower case, digits and '-'",
+        ),
+        (
+            [_route(methods=["GET", "get"])],
+            "workers.routes[0].methods[1]: expected a method such as GET, got 'get'",
+        ),
+        (
+            [_route(methods=[])],
+            "workers.routes[0].methods: list at least one method, or leave the key out",
+        ),
         ([_route(methods="GET")], "workers.routes[0].methods: expected a list"),
-        ([_route(query={"since": 1})],
-         "workers.routes[0].query.since: expected a string to match, or null"),
-        ([_route(query={"full_state": True})],
-         "workers.routes[0].query.full_state: expected a string to match"),
+        (
+            [_route(query={"since": 1})],
+            "workers.routes[0].query.since: expected a string to match, or null",
+        ),
+        (
+            [_route(query={"full_state": True})],
+            "workers.routes[0].query.full_state: expected a string to match",
+        ),
         ([_route(query=["since"])], "workers.routes[0].query: expected a mapping"),
         ([_route(sticky="yes")], "workers.routes[0].sticky: expected true or false"),
         ([_route(fallback=None)], "workers.routes[0].fallback: expected true or false"),
         ([_route(weight=1)], "workers.routes[0].weight: unknown key"),
-        ([{"name": "x", "pool": "synchrotron", "policy": "user"}],
-         "workers.routes[0].patterns: required"),
+        (
+            [{"name": "x", "pool": "synchrotron", "policy": "user"}],
+            "workers.routes[0].patterns: required",
+        ),
         ({"name": "x"}, "workers.routes: expected a list"),
     ],
 )
@@ -286,10 +391,18 @@ def test_route_errors_name_the_key(routes, message):
 def test_scoped_flags_in_a_config_route():
     config = _config(
         pools={"synchrotron": [SYNC], "bridges": [SYNC2]},
-        routes=[_route(name="bridges", pool="bridges", policy="uri",
-                       patterns=["(?i:^/_matrix/client/v3/bridge/)"])],
+        routes=[
+            _route(
+                name="bridges",
+                pool="bridges",
+                policy="uri",
+                patterns=["(?i:^/_matrix/client/v3/bridge/)"],
+            )
+        ],
     )
-    table = effective_table(shipped_table(), config.workers.routes, config.workers.pools)
+    table = effective_table(
+        shipped_table(), config.workers.routes, config.workers.pools
+    )
     for path in (b"/_matrix/client/v3/bridge/x", b"/_matrix/CLIENT/v3/Bridge/x"):
         assert table.match(b"GET", path, b"").name == "bridges"
     assert table.match(b"GET", b"/x/_matrix/client/v3/bridge/", b"") is None
@@ -298,7 +411,11 @@ def test_scoped_flags_in_a_config_route():
 def test_a_route_to_main_needs_no_pool():
     config = _config(
         pools={"synchrotron": [SYNC]},
-        routes=[_route(name="admin", pool="main", policy="uri", patterns=["^/_synapse/admin/"])],
+        routes=[
+            _route(
+                name="admin", pool="main", policy="uri", patterns=["^/_synapse/admin/"]
+            )
+        ],
     )
     assert config.workers.routes[0].pools == (MAIN,)
 
@@ -310,8 +427,9 @@ def test_whoami_cache():
     assert _config(pools={"synchrotron": [SYNC]}).workers.whoami_cache == (
         WhoamiCacheConfig(size=50_000, ttl=600.0)
     )
-    config = _config(pools={"synchrotron": [SYNC]},
-                     whoami_cache={"size": 10, "ttl": "90s"})
+    config = _config(
+        pools={"synchrotron": [SYNC]}, whoami_cache={"size": 10, "ttl": "90s"}
+    )
     assert config.workers.whoami_cache == WhoamiCacheConfig(size=10, ttl=90.0)
     # A bare integer is milliseconds, as in Synapse.
     config = _config(pools={"synchrotron": [SYNC]}, whoami_cache={"ttl": 1500})
