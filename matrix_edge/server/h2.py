@@ -433,6 +433,22 @@ class H2ServerProtocol(Protocol):
             if stream.waiting:
                 self._blocked[stream.id] = stream
             return
+        try:
+            self._send_outgoing(conn, stream)
+        except h2.exceptions.ProtocolError:
+            # h2 has already taken in frames whose events are still to be
+            # handled: the client reset this stream, or sent GOAWAY. Those
+            # events tell the handler; nothing more can go out on it.
+            self._forget(stream)
+        if stream.waiting and not stream.closed:
+            self._blocked[stream.id] = stream
+        else:
+            self._blocked.pop(stream.id, None)
+        self._flush()
+
+    def _send_outgoing(
+        self, conn: h2.connection.H2Connection, stream: H2Stream
+    ) -> None:
         while True:
             window = conn.local_flow_control_window(stream.id)
             head, data, end = stream.take_outgoing(window, conn.max_outbound_frame_size)
@@ -440,36 +456,32 @@ class H2ServerProtocol(Protocol):
                 conn.send_headers(stream.id, head, end_stream=end and data is None)
                 if end and data is None:
                     self._response_ended(stream)
-                    break
+                    return
             if data is not None:
                 conn.send_data(stream.id, data, end_stream=end)
                 if end:
                     self._response_ended(stream)
-                    break
+                    return
                 continue
             if end:
                 conn.end_stream(stream.id)
                 self._response_ended(stream)
-            break
-        if stream.waiting and not stream.closed:
-            self._blocked[stream.id] = stream
-        else:
-            self._blocked.pop(stream.id, None)
-        self._flush()
+            return
 
     def acknowledge(self, stream: H2Stream, size: int) -> None:
         """Grant window for ``size`` request bytes the stream passed on."""
         conn = self._conn
         if conn is None or self._closing or size <= 0:
             return
-        conn.acknowledge_received_data(size, stream.id)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            conn.acknowledge_received_data(size, stream.id)
         self._flush()
 
     def reset_stream(self, stream: H2Stream, code: ErrorCodes) -> None:
         conn = self._conn
         self._forget(stream)
         if conn is not None and not self._closing:
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
+            with contextlib.suppress(h2.exceptions.ProtocolError):
                 conn.reset_stream(stream.id, code)
             self._flush()
 

@@ -11,6 +11,7 @@ import h2.errors
 import h2.events
 import hyperframe.frame
 import pytest
+from twisted.logger import globalLogPublisher
 
 from matrix_edge.server.h2 import CLOSE_GRACE, OUTBOX_HIGH, H2Settings
 from tests.h2_harness import H2Harness
@@ -524,3 +525,32 @@ def test_hpack_bomb_is_refused():
     h.receive()
     assert h.goaway() is not None
     assert h.clock.tcpClients == []
+
+
+def test_an_answer_racing_the_clients_reset_in_one_read_is_quiet():
+    """h2 takes in a whole read before the edge sees its events: an answer
+    written while handling the DATA must not trip over the RST_STREAM that
+    came in the same read."""
+    failures: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        h = H2Harness(max_upload_size="1K")
+        stream_id = h.request(b"POST", b"/_matrix/media/v3/upload", end=False)
+        h.connect_upstream()
+        h.client.send_data(stream_id, b"x" * 2000)
+        h.client.reset_stream(stream_id, ErrorCodes.CANCEL)
+        h.send()
+        h.receive()
+        second = h.request(b"GET", b"/_matrix/client/versions")
+        h.connect_upstream()
+        h.upstream_says(OK)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert failures == []
+    assert h.goaway() is None
+    assert h.response(second)[:3] == (200, b"{}", True)
