@@ -16,7 +16,7 @@ from twisted.web.server import Request, Site
 
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.listeners import ListenerConfig, ListenerType
-from matrix_edge.http import errors
+from matrix_edge.http import errors, twisted_private
 from matrix_edge.http.accesslog import AccessLog, redact_target
 from matrix_edge.http.accesslog_file import AccessLogFile
 from matrix_edge.http.deadlines import HeaderDeadlines, SlowHeaders
@@ -233,7 +233,7 @@ class EdgeRequest(Request):
 
     @property
     def is_disconnected(self) -> bool:
-        return bool(self._disconnected)
+        return twisted_private.is_disconnected(self)
 
     @property
     def request_id_header(self) -> bytes:
@@ -296,7 +296,7 @@ class EdgeRequest(Request):
         self.site.clock.callLater(0, self._write_answer_if_due)
 
     def _write_answer_if_due(self) -> None:
-        if self.startedWriting or self.finished or self._disconnected:
+        if self.startedWriting or self.finished or self.is_disconnected:
             return
         if self.body_complete:
             self._write_answer()
@@ -316,13 +316,13 @@ class EdgeRequest(Request):
     def break_off(self) -> None:
         """End a response that cannot be completed, so that the client sees
         it is incomplete."""
-        if not self._disconnected:
+        if not self.is_disconnected:
             framed = self.chunked or self.responseHeaders.hasHeader(b"content-length")
             self.client_side.cut_short(bool(framed))
 
     def abort(self) -> None:
         """Drop the client connection without completing the response."""
-        if not self._disconnected:
+        if not self.is_disconnected:
             self.client_side.abort()
 
     # Internals --------------------------------------------------------------
@@ -334,7 +334,7 @@ class EdgeRequest(Request):
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        if self.finished or self._disconnected or not self._response_done:
+        if self.finished or self.is_disconnected or not self._response_done:
             return
         if self.body_complete or not self.client_side.lingers:
             self._cancel_linger()
@@ -346,7 +346,7 @@ class EdgeRequest(Request):
 
     def _stop_lingering(self) -> None:
         self._linger = None
-        if not self._disconnected:
+        if not self.is_disconnected:
             self.client_side.stop_lingering()
 
     def _cancel_linger(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Protocol, cast
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
+from matrix_edge.http import twisted_private
 from matrix_edge.server.h2 import ErrorCodes
 from matrix_edge.server.h2_channel import H2RequestChannel
 
@@ -80,10 +81,7 @@ class HTTP11Side:
         self._channel = channel
 
     def request_line(self) -> tuple[bytes, bytes, bytes]:
-        # HTTPChannel sets these on the request only once the whole body
-        # is in; the edge needs them when the headers are.
-        channel = cast(Any, self._channel)
-        return channel._command, channel._path, channel._version
+        return twisted_private.request_line(self._channel)
 
     def pause_reading(self) -> None:
         transport_of(self._channel).pauseProducing()
