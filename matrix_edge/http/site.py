@@ -285,8 +285,8 @@ class EdgeRequest(Request):
     def _refuse(self, error: MatrixError) -> None:
         """Answer ``error`` to a request refused from its headers.
 
-        Called while the headers are parsed, when an HTTP/2 stream cannot
-        take a response yet, so the answer is written on the next turn of
+        Called from gotLength, while HTTP/1.1's channel is still in the
+        middle of the head, so the answer is written on the next turn of
         the reactor (or by requestReceived, if the request is complete
         first). Removing ``Expect`` now keeps Twisted from inviting a body
         that will not be read.
