@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 from typing import cast
 
+import httptools
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -55,6 +56,10 @@ def _well_formed(head: bytes, line_count: int) -> bool:
     )
 
 
+class _Stop(Exception):
+    """Raised in a parser callback to stop llhttp where it is."""
+
+
 class UpstreamError(Exception):
     """Synapse's connection broke, or it answered something that is not
     HTTP/1.1, before the response could start."""
@@ -72,10 +77,16 @@ class UpstreamConnection(Protocol):
         self._on_lost = on_lost
         self._handler: ResponseHandler | None = None
         self._method = b""
-        self._buffer = b""
         self._state = "idle"
-        self._remaining = 0
-        self._chunked = False
+        """idle, head (request sent, response head awaited), body (response
+        head relayed), done, or closed."""
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_size = 0
+        self._phrase = b""
+        self._headers: HeaderList = []
+        self._message_done = False
+        self._until_close = False
+        self._stopped = False
         self._keep_alive = True
         self._body: RequestBody | None = None
         self._body_done = True
@@ -102,6 +113,10 @@ class UpstreamConnection(Protocol):
         self._method = method
         self._state = "head"
         self._head_started = False
+        self._head_size = 0
+        self._phrase = b""
+        self._message_done = False
+        self._until_close = False
         self._keep_alive = True
         lines = [method, b" ", target, b" HTTP/1.1\r\n"]
         for name, value in headers:
@@ -148,6 +163,13 @@ class UpstreamConnection(Protocol):
         self._maybe_release()
 
     # Receiving ---------------------------------------------------------
+    #
+    # llhttp (through httptools) parses the response: status line, header
+    # fields, and every framing (length, chunks, none for 204/304, until
+    # close), and refuses what is not strictly HTTP/1.1. Its callbacks only
+    # record; what the response means is decided once a call to
+    # feed_data returns, so that nothing is released to the pool while
+    # llhttp may still be reading bytes that came after the response.
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == "idle":
@@ -155,177 +177,110 @@ class UpstreamConnection(Protocol):
             # reusable.
             self.abort()
             return
-        if self._state == "body" and not self._buffer and len(data) <= self._remaining:
-            # The common case for bodies: relay the bytes as they came.
-            self._remaining -= len(data)
-            self._deliver(data)
-            if self._remaining == 0 and self._state == "body":
-                self._finish_response()
+        if self._state == "closed":
             return
-        self._buffer += data
-        while self._buffer and self._state not in ("idle", "closed"):
-            if self._state == "head":
-                if not self._parse_head():
-                    return
-            elif self._state == "body":
-                self._read_counted()
-            elif self._state == "chunk-size":
-                if not self._read_chunk_size():
-                    return
-            elif self._state == "chunk-data":
-                self._read_chunk_data()
-            elif self._state == "chunk-crlf":
-                if len(self._buffer) < 2:
-                    return
-                if self._buffer[:2] != b"\r\n":
-                    self._protocol_error("bad chunk framing")
-                    return
-                self._buffer = self._buffer[2:]
-                self._state = "chunk-size"
-            elif self._state == "trailers":
-                if not self._read_trailers():
-                    return
-            elif self._state == "until-close":
-                data, self._buffer = self._buffer, b""
-                self._deliver(data)
-
-    def _parse_head(self) -> bool:
-        end = self._buffer.find(b"\r\n\r\n")
-        if end == -1:
-            if len(self._buffer) > MAX_HEAD_SIZE:
-                self._protocol_error("response head too large")
-            return False
-        self._head_started = True
-        head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
-        status_line, *header_lines = head.split(b"\r\n")
-        parts = status_line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3:
-            self._protocol_error(f"bad status line {status_line[:80]!r}")
-            return False
+        self._stopped = False
         try:
-            code = int(parts[1])
-        except ValueError:
-            self._protocol_error(f"bad status line {status_line[:80]!r}")
-            return False
-        phrase = parts[2] if len(parts) == 3 else b""
-        headers: HeaderList = []
-        for line in header_lines:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip() or line[:1] in b" \t":
-                self._protocol_error(f"bad header line {line[:80]!r}")
-                return False
-            headers.append((name, value.strip(b" \t")))
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._protocol_error("unexpected protocol switch")
+            return
+        except (_Stop, httptools.HttpParserError) as e:
+            # A callback's exception reaches here wrapped, or not,
+            # depending on the callback: _stopped tells them apart.
+            if not self._stopped:
+                self._protocol_error(f"malformed response ({e})")
+                return
+        if self._state == "head":
+            self._head_size += len(data)
+            if self._head_size > MAX_HEAD_SIZE:
+                self._protocol_error("response head too large")
+        elif self._message_done:
+            if self._method == b"HEAD":
+                self._end_head_only(data)
+            self._finish_response()
+
+    def _end_head_only(self, data: bytes) -> None:
+        """After the response to a HEAD: llhttp, which cannot be told the
+        request was HEAD, waits for the body the head announced, so the
+        next exchange needs a new parser. The connection is kept only when
+        nothing followed the head: when this read ends with the head's
+        blank line and holds no other."""
+        if data.endswith(b"\r\n\r\n") and data.count(b"\r\n\r\n") == 1:
+            self._parser = httptools.HttpResponseParser(self)
+        else:
+            self._keep_alive = False
+
+    def on_message_begin(self) -> None:
+        if self._message_done or self._state not in ("head", "body"):
+            # Bytes after the whole response: the connection is not one
+            # to trust again.
+            self._keep_alive = False
+            self._stop()
+        self._headers = []
+
+    def _stop(self) -> None:
+        """Stop llhttp where it is, from inside one of its callbacks."""
+        self._stopped = True
+        raise _Stop()
+
+    def on_status(self, phrase: bytes) -> None:
+        self._phrase = phrase
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._state == "head":
+            self._headers.append((name, value))
+        # Trailers, after the body, are not relayed (Synapse sends none).
+
+    def on_headers_complete(self) -> None:
+        code = self._parser.get_status_code()
         if 100 <= code < 200:
-            if code == 101:
-                self._protocol_error("unexpected protocol switch")
-                return False
             # Interim responses (100 Continue, 103 Early Hints) are not
             # relayed: the client's own 100 came from the edge.
-            return True
-        return self._start_body(code, phrase, headers)
-
-    def _start_body(self, code: int, phrase: bytes, headers: HeaderList) -> bool:
+            self._headers = []
+            return
+        self._head_started = True
+        self._state = "body"
+        headers = self._headers
+        declared: int | None = None
         chunked = False
-        lengths = set()
         for name, value in headers:
             lower = name.lower()
             if lower == b"content-length":
-                lengths.add(value)
+                declared = int(value)
             elif lower == b"transfer-encoding":
                 chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
-                if not chunked:
-                    self._keep_alive = False
-            elif lower == b"connection" and b"close" in value.lower():
-                self._keep_alive = False
-        declared: int | None = None
-        if lengths and not chunked:
-            if len(lengths) > 1 or not next(iter(lengths)).isdigit():
-                self._protocol_error("bad Content-Length")
-                return False
-            declared = int(next(iter(lengths)))
-        if self._method == b"HEAD" or code in _NO_BODY_CODES:
-            mode = "none"
-        elif chunked:
-            mode = "chunk-size"
-        elif declared is not None:
-            mode = "body"
-        else:
-            # The body ends when the connection does.
-            mode = "until-close"
+        head_only = self._method == b"HEAD"
+        self._until_close = not (
+            chunked or declared is not None or head_only or code in _NO_BODY_CODES
+        )
+        if not self._parser.should_keep_alive():
             self._keep_alive = False
         assert self._handler is not None
         # The length the client is told: a HEAD response keeps the one its
         # GET would have; a 204 has none.
         self._handler.response_head(
-            code, phrase, headers, None if code == 204 else declared
+            code, self._phrase, headers, None if code == 204 else declared
         )
-        if self._state == "closed" or self._handler is None:
-            return False  # the handler gave up at once
-        if mode == "none" or (mode == "body" and declared == 0):
-            self._finish_response()
-        else:
-            self._remaining = declared or 0
-            self._state = mode
-        return True
+        if self._handler is None or self._state == "closed":
+            self._stop()  # the handler gave up at once
+        if head_only:
+            self._message_done = True
+            self._stop()
 
-    def _read_counted(self) -> None:
-        take = self._buffer[: self._remaining]
-        self._buffer = self._buffer[len(take) :]
-        self._remaining -= len(take)
-        self._deliver(take)
-        if self._remaining == 0 and self._state == "body":
-            self._finish_response()
-
-    def _read_chunk_size(self) -> bool:
-        end = self._buffer.find(b"\r\n")
-        if end == -1:
-            if len(self._buffer) > 1024:
-                self._protocol_error("bad chunk size")
-            return False
-        line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
-        try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            self._protocol_error("bad chunk size")
-            return False
-        if size < 0:
-            self._protocol_error("bad chunk size")
-            return False
-        if size == 0:
-            self._state = "trailers"
-        else:
-            self._remaining = size
-            self._state = "chunk-data"
-        return True
-
-    def _read_chunk_data(self) -> None:
-        take = self._buffer[: self._remaining]
-        self._buffer = self._buffer[len(take) :]
-        self._remaining -= len(take)
-        self._deliver(take)
-        if self._remaining == 0 and self._state == "chunk-data":
-            self._state = "chunk-crlf"
-
-    def _read_trailers(self) -> bool:
-        # Trailers are not relayed (Synapse sends none); read past them.
-        end = self._buffer.find(b"\r\n")
-        if end == -1:
-            return False
-        line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
-        if line == b"":
-            self._finish_response()
-        return True
-
-    def _deliver(self, data: bytes) -> None:
-        if data and self._handler is not None:
+    def on_body(self, data: bytes) -> None:
+        if self._handler is not None:
             self._handler.response_data(data)
+        if self._state == "closed":
+            self._stop()
+
+    def on_message_complete(self) -> None:
+        if self._state == "body":
+            self._message_done = True
 
     def _finish_response(self) -> None:
         handler, self._handler = self._handler, None
         self._state = "done"
-        if self._buffer:
-            # Bytes beyond the response: not a connection to trust again.
-            self._keep_alive = False
         if handler is not None:
             handler.response_end(True, "")
         self._maybe_release()
@@ -339,7 +294,6 @@ class UpstreamConnection(Protocol):
             self.abort()
         elif self._keep_alive and self.transport is not None:
             self._state = "idle"
-            self._buffer = b""
             self.reused = True
             # The client may have paused us while relaying; we start clean.
             self.transport.resumeProducing()  # type: ignore[attr-defined]
@@ -382,7 +336,7 @@ class UpstreamConnection(Protocol):
         self._on_lost(self)
         if handler is None:
             return
-        if state == "until-close":
+        if state == "body" and self._until_close:
             handler.response_end(True, "")
         elif self._head_started:
             handler.response_end(False, "connection closed mid-response")

@@ -189,6 +189,17 @@ def test_broken_off_responses_are_incomplete(response):
         b"HTTP/1.1 200 OK\r\n folded: header\r\n\r\n",
         b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        # Chunk sizes Python's int() takes and HTTP does not.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0_5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n",
+        # Heads that are not HTTP/1.1's.
+        b"HTTP/1.1 -20 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
+        b"HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     ],
 )
 def test_malformed_responses(response):
@@ -284,3 +295,37 @@ def test_idle_expiry_counts_from_the_last_use():
     clock.advance(11)
     assert transport.disconnected
     assert upstream.idle_connection() is None
+
+
+def test_bytes_after_a_response_make_the_connection_single_use():
+    """What follows a complete response on a pooled connection was asked
+    for by no one; the next request must not read it as its answer."""
+    clock, upstream = make_upstream()
+    recorder = Recorder()
+    upstream.request(b"GET", b"/x", HEADERS, None, recorder)
+    protocol, transport = connect(clock)
+    protocol.dataReceived(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!"
+    )
+    assert recorder.events == [
+        ("head", 200, b"OK", [(b"Content-Length", b"2")], 2),
+        ("data", b"ok"),
+        ("end", True),
+    ]
+    assert transport.disconnected
+    assert upstream.idle_connection() is None
+
+
+def test_head_response_followed_by_nothing_keeps_the_connection():
+    clock, upstream = make_upstream()
+    first = Recorder()
+    upstream.request(b"HEAD", b"/x", HEADERS, None, first)
+    protocol, transport = connect(clock)
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n")
+    second = Recorder()
+    upstream.request(b"GET", b"/y", HEADERS, None, second)
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsome body")
+    assert [e[0] for e in first.events] == ["head", "end"]
+    assert second.events[1:] == [("data", b"some body"), ("end", True)]
+    assert not transport.disconnecting
