@@ -141,6 +141,7 @@ class Forwarding:
     def _refuse(self, error: errors.MatrixError) -> None:
         request = self._request
         self._stop_idle_timer()
+        self._drop_body()
         if not (request.finished or request.is_disconnected):
             request.answer_early(error)
 
@@ -280,6 +281,7 @@ class Forwarding:
                 reason=describe_failure(reason),
             )
             error = errors.bad_gateway()
+        self._drop_body()
         request.answer_early(error)
 
     # Cancellation and timers --------------------------------------------
@@ -293,6 +295,7 @@ class Forwarding:
     def _abandon_upstream(self) -> None:
         self._cancel(self._response_timer)
         self._stop_idle_timer()
+        self._drop_body()
         self._release()
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
@@ -301,6 +304,12 @@ class Forwarding:
             exchange, self._exchange = self._exchange, None
             # Closing the connection lets Synapse cancel the request.
             exchange.cancel()
+
+    def _drop_body(self) -> None:
+        """No upstream will take the request body: what is still to come is
+        read and dropped, and nothing held back waits for it."""
+        if self._body is not None:
+            self._body.stopProducing()
 
     def _arm_response_timer(self) -> None:
         # Armed once, when the request is complete (body_complete).

@@ -35,7 +35,6 @@ from matrix_edge.http.target import split_target
 from matrix_edge.http.transport import (
     ClientSide,
     client_side,
-    set_no_delay,
     transport_of,
 )
 from matrix_edge.http.upstream import Upstream
@@ -46,12 +45,17 @@ from matrix_edge.resources.well_known import WellKnownResource
 from matrix_edge.server.alpn import NegotiatedProtocol
 from matrix_edge.server.h2 import H2ServerProtocol, H2Settings
 from matrix_edge.server.h2_channel import H2RequestChannel
+from matrix_edge.server.sockets import set_no_delay
 
 # After an early answer, how long the rest of an unwanted upload is read and
 # dropped before the connection is closed. Closing at once, with unread data
 # in the socket, makes the kernel reset the connection and the client may
 # never see the answer.
 LINGER_SECONDS = 5.0
+
+# The most request body the edge's own resources (/health, /ready,
+# .well-known) read, none of which takes one.
+LOCAL_BODY_LIMIT = 64 * 1024
 
 log = Logger()
 
@@ -91,8 +95,6 @@ class EdgeHTTPChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        # Small writes (responses, HTTP/2 window updates) go out at once;
-        # with Nagle they can wait for the peer's delayed ACK, 40 ms here.
         set_no_delay(self.transport)
 
     site: EdgeSite
@@ -150,11 +152,13 @@ class EdgeRequest(Request):
     site: EdgeSite
 
     def __init__(self, channel: Any, queued: Any = None):
-        super().__init__(channel)
+        # Local resources read no form: a body is never parsed in memory.
+        super().__init__(channel, parsePOSTFormSubmission=False)
         self.client_ip = ""
         self.request_id = ""
         self.body_complete = False
         self._local = True
+        self._local_body = 0
         self._has_body = False
         self._forwarding: Forwarding | None = None
         self._answer: MatrixError | None = None
@@ -188,8 +192,12 @@ class EdgeRequest(Request):
             self.method, self.uri, self.path, headers, self.client_ip, length
         )
         if decision is LOCAL:
-            super().gotLength(length)
-            return
+            if length is None or length <= LOCAL_BODY_LIMIT:
+                # Bounded by LOCAL_BODY_LIMIT: memory, never a temporary
+                # file (twisted.web's choice for a body of unknown length).
+                self.content = BytesIO()
+                return
+            decision = errors.too_large(LOCAL_BODY_LIMIT)
         self._local = False
         self.content = BytesIO()
         # Synapse's headers go out as they are: no Content-Type of our own.
@@ -202,7 +210,15 @@ class EdgeRequest(Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._local:
-            super().handleContentChunk(data)
+            self._local_body += len(data)
+            if self._local_body <= LOCAL_BODY_LIMIT:
+                super().handleContentChunk(data)
+                return
+            # A body of unannounced length grew past what a local
+            # resource takes: the request is answered and the rest dropped.
+            self._local = False
+            self.defaultContentType = None
+            self.answer_early(errors.too_large(LOCAL_BODY_LIMIT))
         elif self._forwarding is not None and not self._response_done:
             self._forwarding.body_chunk(data)
         # Otherwise the body is unwanted and dropped as it arrives.
@@ -421,6 +437,7 @@ class EdgeSite(Site):
             self.clock,
             self._h2_settings,
             self.config.timeouts.client_idle,
+            self.config.timeouts.body_idle,
             self.header_deadlines,
             self._fresh_request_id,
         )

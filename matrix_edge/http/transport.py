@@ -7,7 +7,6 @@ aborting mean different things for each, and are kept here.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Protocol, cast
 
 from twisted.web.http import HTTPChannel
@@ -57,16 +56,6 @@ class ClientSide(Protocol):
     def cut_short(self, framed: bool) -> None:
         """End a response that cannot be completed, so that the client
         cannot take it for a whole one."""
-
-
-def set_no_delay(transport: object) -> None:
-    """Turn off Nagle's algorithm on a TCP transport, through any TLS or
-    PROXY-protocol wrapper (they pass attribute lookups down); a UNIX
-    socket has nothing to turn off."""
-    set_option = getattr(transport, "setTcpNoDelay", None)
-    if set_option is not None:
-        with contextlib.suppress(OSError):
-            set_option(True)
 
 
 def transport_of(channel: HTTPChannel) -> _Transport:

@@ -257,6 +257,7 @@ class UpstreamExchange:
             connection is not None
             and connection.reused
             and self._body is None
+            and self._method in IDEMPOTENT
             and not self._retried
             and not self._cancelled
         ):
@@ -266,6 +267,12 @@ class UpstreamExchange:
             d.addCallbacks(self._connected, self._connect_failed)
             return
         self._handler.upstream_failed(reason, timed_out)
+
+
+# RFC 9110 section 9.2.2: the methods a request may be repeated with. A POST
+# without a body (a logout) may well have been acted on before the
+# connection died.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
 class _ConnectionFactory(Factory):

@@ -16,13 +16,14 @@ from typing import Protocol as TypingProtocol
 from typing import cast
 
 import httptools
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from matrix_edge.http.body import RequestBody
-from matrix_edge.http.transport import set_no_delay
+from matrix_edge.server.sockets import set_no_delay
 
 HeaderList = list[tuple[bytes, bytes]]
 
@@ -150,7 +151,7 @@ class UpstreamConnection(Protocol):
         if body is not None:
             self._body = body
             _consumer(self).registerProducer(body, True)
-            framing = _BodyFraming(self, chunked=body.length is None)
+            framing = _BodyFraming(self, body.length)
             body.startProducing(framing).addCallbacks(
                 lambda _: framing.finish(), lambda _: self.abort()
             )
@@ -337,7 +338,11 @@ class UpstreamConnection(Protocol):
         if handler is None:
             return
         if state == "body" and self._until_close:
-            handler.response_end(True, "")
+            # Only an orderly close ends such a body; a reset cuts it.
+            handler.response_end(
+                reason is None or reason.check(ConnectionDone) is not None,
+                "connection reset mid-response",
+            )
         elif self._head_started:
             handler.response_end(False, "connection closed mid-response")
         else:
@@ -362,14 +367,17 @@ class _BodyFraming:
     connection, framed as the request head announced. (The body registers
     itself as the producer on the connection's transport directly.)"""
 
-    def __init__(self, connection: UpstreamConnection, chunked: bool):
+    def __init__(self, connection: UpstreamConnection, length: int | None):
         self._connection = connection
-        self._chunked = chunked
+        self._chunked = length is None
+        self._length = length
+        self._written = 0
         self._transport = _consumer(connection)
 
     def write(self, data: bytes) -> None:
         if not data or self._connection._state == "closed":
             return
+        self._written += len(data)
         if self._chunked:
             self._transport.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
@@ -380,6 +388,13 @@ class _BodyFraming:
             return
         if self._chunked:
             self._transport.write(b"0\r\n\r\n")
+        elif self._written != self._length:
+            # The head announced another length: whatever the client side
+            # let through, this connection now frames nothing reliably.
+            self._connection._protocol_error(
+                "request body does not match its Content-Length"
+            )
+            return
         self._connection._body_written()
 
     def registerProducer(self, producer: object, streaming: bool) -> None:

@@ -36,6 +36,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack.exceptions
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -50,6 +51,7 @@ from zope.interface import implementer
 from matrix_edge.http.errors import CORS_HEADERS, MatrixError
 from matrix_edge.server.h2_frames import HeaderBlockWatch
 from matrix_edge.server.h2_head import Header, RequestHead, parse_request_head
+from matrix_edge.server.sockets import set_no_delay
 
 log = Logger()
 
@@ -59,6 +61,9 @@ ErrorCodes = h2.errors.ErrorCodes
 # before the stream's producer is paused; it resumes below OUTBOX_LOW.
 OUTBOX_HIGH = 64 * 1024
 OUTBOX_LOW = 16 * 1024
+
+# A WINDOW_UPDATE smaller than this draws on the abuse budget.
+SMALL_WINDOW_UPDATE = 1024
 
 # After the edge's GOAWAY, how long a client may take to close.
 CLOSE_GRACE = 2.0
@@ -150,6 +155,9 @@ class H2Stream:
         self._producer_paused = False
         self._reading_paused = False
         self._unacknowledged = 0
+        self.last_progress = 0.0
+        """When a frame of the request last arrived, or response data last
+        left; see H2ServerProtocol._sweep_stalled."""
 
     @property
     def connection(self) -> H2ServerProtocol:
@@ -262,11 +270,19 @@ class H2Stream:
         if self._producer_paused and self._outbox_size < OUTBOX_LOW:
             self._resume_producer()
 
-    def discard(self) -> None:
+    def silence(self) -> None:
+        """Send nothing more: the stream is closed for sending."""
         self.closed = True
         self._outbox.clear()
         self._outbox_size = 0
         self._producer = None
+
+    def discard(self) -> int:
+        """Forget the stream; returns the request bytes it had not yet
+        granted window for."""
+        self.silence()
+        unacknowledged, self._unacknowledged = self._unacknowledged, 0
+        return unacknowledged
 
     def _pause_producer(self) -> None:
         if not self._producer_paused and self._producer is not None:
@@ -289,6 +305,7 @@ class H2ServerProtocol(Protocol):
         clock: IReactorTime,
         settings: H2Settings,
         idle_timeout: float,
+        stall_timeout: float,
         header_deadline: HeaderDeadline | None = None,
         extra_headers: Callable[[], list[Header]] = list,
     ):
@@ -296,6 +313,7 @@ class H2ServerProtocol(Protocol):
         self._clock = clock
         self._settings = settings
         self._idle_timeout = idle_timeout
+        self._stall_timeout = stall_timeout
         self._deadline = header_deadline
         self._extra_headers = extra_headers
         self._streams: dict[int, H2Stream] = {}
@@ -306,6 +324,7 @@ class H2ServerProtocol(Protocol):
         self.send_paused = False
         self._closing = False
         self._idle_timer: IDelayedCall | None = None
+        self._stall_timer: IDelayedCall | None = None
         self._close_timer: IDelayedCall | None = None
         self._budget = settings.abuse_budget
         self._budget_at = 0.0
@@ -342,7 +361,7 @@ class H2ServerProtocol(Protocol):
         if grow > 0:
             conn.increment_flow_control_window(grow)
         self._budget_at = self._clock.seconds()
-        assert self.transport is not None
+        set_no_delay(self.transport)
         self._transport.registerProducer(self, True)
         if self._deadline is not None:
             # The connection preface must arrive in time, like headers.
@@ -355,8 +374,12 @@ class H2ServerProtocol(Protocol):
             return
         conn = self._conn
         assert conn is not None
+        in_header_block = self._watch.feed(data)
+        if self._watch.violation is not None:
+            self.close(ErrorCodes(self._watch.violation))
+            return
         if self._deadline is not None:
-            if self._watch.feed(data):
+            if in_header_block:
                 self._deadline.start(self)
             else:
                 self._deadline.stop(self)
@@ -374,7 +397,7 @@ class H2ServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._closing = True
-        for timer in (self._idle_timer, self._close_timer):
+        for timer in (self._idle_timer, self._stall_timer, self._close_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         if self._deadline is not None:
@@ -438,8 +461,9 @@ class H2ServerProtocol(Protocol):
         except h2.exceptions.ProtocolError:
             # h2 has already taken in frames whose events are still to be
             # handled: the client reset this stream, or sent GOAWAY. Those
-            # events tell the handler; nothing more can go out on it.
-            self._forget(stream)
+            # events, handled next, tell the handler (and charge the reset);
+            # nothing more can go out on it.
+            stream.silence()
         if stream.waiting and not stream.closed:
             self._blocked[stream.id] = stream
         else:
@@ -478,12 +502,15 @@ class H2ServerProtocol(Protocol):
         self._flush()
 
     def reset_stream(self, stream: H2Stream, code: ErrorCodes) -> None:
+        """Reset ``stream`` with RST_STREAM; a request still in progress on
+        it learns that its stream is gone, as from a client's reset."""
         conn = self._conn
         self._forget(stream)
         if conn is not None and not self._closing:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 conn.reset_stream(stream.id, code)
             self._flush()
+        self._stream_gone(stream, Failure(StreamResetByEdge(code)))
 
     def headers_too_slow(self) -> None:
         """The header deadline passed with a header block (or the preface)
@@ -515,6 +542,9 @@ class H2ServerProtocol(Protocol):
         elif isinstance(event, h2.events.StreamEnded):
             self._stream_ended(event.stream_id)
         elif isinstance(event, h2.events.WindowUpdated):
+            if (event.delta or 0) < SMALL_WINDOW_UPDATE:
+                # Tiny increments make the edge send tiny DATA frames.
+                self._spend(1.0)
             self._window_updated(event.stream_id)
         elif isinstance(event, h2.events.StreamReset):
             self._stream_reset(event)
@@ -537,7 +567,12 @@ class H2ServerProtocol(Protocol):
         ended = event.stream_ended is not None
         stream = H2Stream(self, stream_id)
         stream.request_ended = stream.body_done = ended
+        stream.last_progress = self._clock.seconds()
         self._streams[stream_id] = stream
+        if self._stall_timer is None:
+            self._stall_timer = self._clock.callLater(
+                self._stall_timeout / 2, self._sweep_stalled
+            )
         head = parse_request_head(event.headers or (), ended)
         if isinstance(head, MatrixError):
             self._refuse(stream, head)
@@ -558,6 +593,7 @@ class H2ServerProtocol(Protocol):
                 conn.acknowledge_received_data(size, event.stream_id)
             return
         data = event.data
+        stream.last_progress = self._clock.seconds()
         if data:
             self._guarded(stream, handler.data_received, data)
         grant = stream.body_consumed(size)
@@ -581,6 +617,13 @@ class H2ServerProtocol(Protocol):
         if stream is None:
             return
         stream.request_ended = True
+        if stream.body_left:
+            # Trailers ended the stream short of its Content-Length (h2
+            # checks the length only when DATA carries END_STREAM): a
+            # malformed request (RFC 9113 section 8.1.1), and the upstream
+            # must not take what it got for the whole body.
+            self.reset_stream(stream, ErrorCodes.PROTOCOL_ERROR)
+            return
         self._body_done(stream)
         if stream.response_ended:
             self._forget(stream)
@@ -630,14 +673,19 @@ class H2ServerProtocol(Protocol):
             self.reset_stream(stream, ErrorCodes.NO_ERROR)
 
     def _forget(self, stream: H2Stream) -> None:
-        stream.discard()
+        unacknowledged = stream.discard()
+        if unacknowledged and self._conn is not None and not self._closing:
+            # Data the stream held back still counts against the
+            # connection's window: give it back, or later streams starve.
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._conn.acknowledge_received_data(unacknowledged, stream.id)
         self._blocked.pop(stream.id, None)
         if self._streams.pop(stream.id, None) is not None and not self._streams:
             self._arm_idle()
 
     def _stream_gone(self, stream: H2Stream, reason: Failure) -> None:
         handler, stream.handler = stream.handler, None
-        stream.discard()
+        stream.silence()
         if handler is not None and not stream.response_ended:
             try:
                 handler.reset(reason)
@@ -653,7 +701,6 @@ class H2ServerProtocol(Protocol):
             log.failure("Error handling HTTP/2 stream {id}", id=stream.id)
             if not stream.closed:
                 self.reset_stream(stream, ErrorCodes.INTERNAL_ERROR)
-                self._stream_gone(stream, Failure())
 
     def _flush_blocked(self) -> None:
         for stream in list(self._blocked.values()):
@@ -679,13 +726,28 @@ class H2ServerProtocol(Protocol):
             self.close(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _connection_error(self, error: h2.exceptions.ProtocolError) -> None:
-        code = getattr(error, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
+        """h2 refused the client's input and has queued its GOAWAY."""
+        queued = getattr(error, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
+        code = queued
+        cause = error.__cause__
+        if isinstance(cause, hpack.exceptions.HPACKError) and not isinstance(
+            cause, hpack.exceptions.OversizedHeaderListError
+        ):
+            # RFC 9113 section 4.3: a header block that cannot be decoded
+            # is a COMPRESSION_ERROR; h2 says PROTOCOL_ERROR.
+            code = ErrorCodes.COMPRESSION_ERROR
         log.info(
             "HTTP/2 protocol error from {peer}: {error}",
             peer=self.transport.getPeer() if self.transport else "-",
             error=str(error) or type(error).__name__,
         )
-        self.close(ErrorCodes(code))
+        conn = self._conn
+        assert conn is not None
+        if code != queued:
+            conn.data_to_send()  # h2's GOAWAY, with the wrong code
+            conn.close_connection(error_code=code)
+        self._flush()
+        self._shut_down(Failure(ConnectionAbandoned(code)))
 
     def _shut_down(self, reason: Failure) -> None:
         """Take no more input, reset what is in progress and close, with a
@@ -694,6 +756,9 @@ class H2ServerProtocol(Protocol):
         if self._deadline is not None:
             self._deadline.stop(self)
         self._cancel_idle()
+        if self._stall_timer is not None and self._stall_timer.active():
+            self._stall_timer.cancel()
+        self._stall_timer = None
         streams, self._streams = self._streams, {}
         self._blocked.clear()
         for stream in streams.values():
@@ -728,6 +793,31 @@ class H2ServerProtocol(Protocol):
                 self._idle_timer.cancel()
             self._idle_timer = None
 
+    def _sweep_stalled(self) -> None:
+        """Reset streams that made no progress for ``stall_timeout``: a
+        request body that stopped coming (to a local resource, which has no
+        timer of its own), a response the client never opens its window
+        for, or never reads. Waiting for Synapse's answer is not a stall."""
+        self._stall_timer = None
+        if self._closing:
+            return
+        limit = self._clock.seconds() - self._stall_timeout
+        for stream in list(self._streams.values()):
+            if stream.last_progress <= limit and (
+                stream.waiting or not stream.body_done
+            ):
+                log.info(
+                    "Resetting HTTP/2 stream {id} from {peer}: no progress in {seconds}s",
+                    id=stream.id,
+                    peer=self._transport.getPeer(),
+                    seconds=self._stall_timeout,
+                )
+                self.reset_stream(stream, ErrorCodes.CANCEL)
+        if self._streams and not self._closing:
+            self._stall_timer = self._clock.callLater(
+                self._stall_timeout / 2, self._sweep_stalled
+            )
+
     def _idle(self) -> None:
         self._idle_timer = None
         if not self._streams:
@@ -746,6 +836,15 @@ class ConnectionAbandoned(Exception):
 
     def __init__(self, code: int):
         super().__init__(f"HTTP/2 connection closed ({_code_name(code)})")
+        self.code = code
+
+
+class StreamResetByEdge(Exception):
+    """The edge reset the stream (an upstream that broke off, a stalled
+    body, a malformed request)."""
+
+    def __init__(self, code: int):
+        super().__init__(f"stream reset by the edge ({_code_name(code)})")
         self.code = code
 
 

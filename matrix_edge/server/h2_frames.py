@@ -4,6 +4,8 @@ h2 holds a header block back until its last CONTINUATION frame, so the
 protocol cannot see one arrive slowly. This reads just the 9-byte frame
 headers as the bytes go by, so that the header deadline can cover the
 connection preface and every header block, as it covers HTTP/1.1 heads.
+On the way it catches the one frame-size error h2 reports with the wrong
+code: a SETTINGS acknowledgement with a payload (RFC 9113 section 6.5).
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ PREFACE_LENGTH = 24
 _FRAME_HEADER = 9
 _HEADERS = 0x1
 _PUSH_PROMISE = 0x5
+_SETTINGS = 0x4
 _CONTINUATION = 0x9
 _END_HEADERS = 0x4
+_ACK = 0x1
+FRAME_SIZE_ERROR = 0x6
 
 
 class HeaderBlockWatch:
@@ -30,6 +35,9 @@ class HeaderBlockWatch:
         with it since."""
         self._block_ends = False
         """The frame being read ends the header block it belongs to."""
+        self.violation: int | None = None
+        """An HTTP/2 error code, once a frame that must close the
+        connection went by."""
 
     def feed(self, data: bytes) -> bool:
         position = 0
@@ -53,14 +61,16 @@ class HeaderBlockWatch:
             position += len(header) - len(self._partial)
             if len(header) < _FRAME_HEADER:
                 self._partial = header
-                return True
+                return self._in_block
             self._partial = b""
             self._frame(header)
-        return self._in_block or bool(self._partial)
+        return self._in_block
 
     def _frame(self, header: bytes) -> None:
         length = int.from_bytes(header[:3], "big")
         kind, flags = header[3], header[4]
+        if kind == _SETTINGS and flags & _ACK and length:
+            self.violation = FRAME_SIZE_ERROR
         if kind in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
             self._in_block = True
             self._block_ends = bool(flags & _END_HEADERS)

@@ -38,6 +38,11 @@ _CONNECTION_SPECIFIC = frozenset(
 )
 
 
+# RFC 9110 section 5.5: control characters other than HTAB do not belong in
+# a field value (h2 itself refuses NUL, CR and LF).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 @attrs.frozen
 class RequestHead:
     """A checked request head, ready to be forwarded as HTTP/1.1."""
@@ -93,6 +98,8 @@ def parse_request_head(
         elif name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
             return errors.bad_request("Connection-specific header field in HTTP/2")
         elif name != b"te":
+            if _CONTROL.search(value):
+                return errors.bad_request("Control character in a header field value")
             regular.append((name, value))
 
     if method is None or not _TOKEN.match(method):
