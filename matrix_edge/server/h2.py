@@ -62,6 +62,10 @@ ErrorCodes = h2.errors.ErrorCodes
 OUTBOX_HIGH = 64 * 1024
 OUTBOX_LOW = 16 * 1024
 
+# The HPACK table the edge's encoder keeps for responses, whatever larger
+# size the client allows: the protocol's default.
+ENCODER_TABLE_SIZE = 4096
+
 # A WINDOW_UPDATE smaller than this draws on the abuse budget.
 SMALL_WINDOW_UPDATE = 1024
 
@@ -552,7 +556,17 @@ class H2ServerProtocol(Protocol):
             self._spend(1.0)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             self._spend(1.0)
-            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            changed = event.changed_settings
+            if h2.settings.SettingCodes.HEADER_TABLE_SIZE in changed:
+                # RFC 7541 section 4.2: the encoder may keep a smaller table
+                # than the client allows (up to 4 GiB); h2 would take all.
+                encoder = self._conn.encoder if self._conn else None
+                if (
+                    encoder is not None
+                    and encoder.header_table_size > ENCODER_TABLE_SIZE
+                ):
+                    encoder.header_table_size = ENCODER_TABLE_SIZE
+            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in changed:
                 self._flush_blocked()
         elif isinstance(event, h2.events.ConnectionTerminated):
             # The client's GOAWAY: it opens no more streams, and has given
