@@ -1,4 +1,4 @@
-"""matrix-edge, nginx and HAProxy side by side, through the same scenarios.
+"""matrix-edge, nginx, HAProxy and Caddy side by side, through the same scenarios.
 
 Run it with ``bench/run`` (which installs what it needs); see
 bench/README.md for the method. Prints one table of medians and of ratios
@@ -49,7 +49,7 @@ from servers import (
     ports_in_use,
 )
 
-PROXIES = ("matrix-edge", "nginx", "haproxy")
+PROXIES = ("matrix-edge", "nginx", "haproxy", "caddy")
 RESULTS_DIR = BENCH_DIR / "results"
 REPO_DIR = BENCH_DIR.parent
 GROUPS = {
@@ -63,7 +63,7 @@ GROUPS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench/run",
-        description="Benchmark matrix-edge against nginx and HAProxy.",
+        description="Benchmark matrix-edge against nginx, HAProxy and Caddy.",
     )
     parser.add_argument(
         "--rounds",
@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--proxies",
         default=",".join(PROXIES),
-        help="comma-separated (default: all three); raw-proxy and twisted-web "
+        help="comma-separated (default: all four); raw-proxy and twisted-web "
         "add the floors of bench/floors.py to the throughput scenarios",
     )
     parser.add_argument(
@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-access-log",
         action="store_true",
-        help="turn every proxy's access log off (default: on for all three)",
+        help="turn every proxy's access log off (default: on for all of them)",
     )
     parser.add_argument(
         "--processes",
@@ -245,18 +245,18 @@ def describe_environment() -> dict[str, str]:
         "twisted": twisted_version,
         "nginx": _command_output(["nginx", "-v"]),
         "haproxy": _command_output(["haproxy", "-v"]),
+        "caddy": _command_output(["caddy", "version"]),
         "wrk": _command_output(["wrk", "-v"]),
         "h2load": _command_output(["h2load", "--version"]),
         "curl": _command_output(["curl", "--version"]),
     }
 
 
-def check_tools() -> None:
-    missing = [
-        t
-        for t in ("nginx", "haproxy", "wrk", "h2load", "curl", "openssl", "taskset")
-        if not shutil.which(t)
-    ]
+def check_tools(proxy_names: list[str]) -> None:
+    # nginx is also the fast upstream; HAProxy and Caddy only when run.
+    tools = ["nginx", "wrk", "h2load", "curl", "openssl", "taskset"]
+    tools += [p for p in ("haproxy", "caddy") if p in proxy_names]
+    missing = [t for t in tools if not shutil.which(t)]
     if missing:
         raise SystemExit(
             f"bench: missing {', '.join(missing)}: run bench/run, which installs them"
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(proxy_names) - set(PROXY_CLASSES)
     if unknown:
         raise SystemExit(f"bench: unknown proxies: {', '.join(sorted(unknown))}")
-    check_tools()
+    check_tools(proxy_names)
     procs.raise_open_files_limit()
     scenarios, limit_notes = select_scenarios(args.only, settings)
     # Also when started where SIGINT is ignored, as from a background job.
@@ -468,9 +468,8 @@ def report_results(
     stamp = now.strftime("%Y%m%d-%H%M%S")
     report.write_json(latest_json, document)
     shutil.copyfile(latest_json, RESULTS_DIR / f"bench-{stamp}.json")
-    chart_title = (
-        f"matrix-edge vs nginx and HAProxy, {started}, commit {environment['commit']}"
-    )
+    others = ", ".join(p for p in proxy_names if p != "matrix-edge")
+    chart_title = f"matrix-edge vs {others}, {started}, commit {environment['commit']}"
     try:
         report.write_chart(
             RESULTS_DIR / "latest.png", summary, proxy_names, chart_title

@@ -289,7 +289,7 @@ def write_chart(
     import matplotlib.pyplot as plt
 
     compared = [p for p in proxies if p != REFERENCE]
-    colours = {"matrix-edge": "#d62728", "haproxy": "#1f77b4"}
+    colours = {"matrix-edge": "#d62728", "haproxy": "#1f77b4", "caddy": "#2ca02c"}
     panels = [
         (
             "throughput: ratio to nginx (higher is better)",

@@ -3,15 +3,17 @@
 Each proxy is configured as an operator would configure it in front of
 Synapse and gets the same single core: nginx as in Synapse's reverse-proxy
 document plus upstream keep-alive, HAProxy as in that document plus
-``http-reuse always``, matrix-edge with its own defaults. All three serve
-plain HTTP on one port and TLS (the same certificate) on another, and log
-each request (or none, with ``--no-access-log``) to a file.
+``http-reuse always``, Caddy as in that document (its keep-alive is on by
+default), matrix-edge with its own defaults. All of them serve plain HTTP
+on one port and TLS (the same certificate) on another, and log each request
+(or none, with ``--no-access-log``) to a file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -453,6 +455,87 @@ class HAProxy(Proxy):
 
 
 @dataclass
+class Caddy(Proxy):
+    """Caddy as in Synapse's reverse-proxy document (``reverse_proxy`` for
+    ``/_matrix/*`` and ``/_synapse/client/*``; Caddy sets X-Forwarded-For
+    and X-Forwarded-Proto itself), with the suite's certificate instead of
+    ACME, HTTP/1.1 and HTTP/2 (no HTTP/3, which the others do not serve).
+    Upstream keep-alive is Caddy's default: up to 32 idle connections, as
+    nginx's ``keepalive 32``.
+
+    Go sizes its scheduler to the CPUs it may run on, so pinned to one core
+    Caddy runs one thread of Go code at a time (``GOMAXPROCS=1``, set too).
+    The admin API is off, so that it listens on no other port; its state
+    goes under the run directory rather than the user's home; and it stops
+    within 2 s of SIGTERM rather than waiting for parked requests.
+    """
+
+    name: str = "caddy"
+
+    def config_suffix(self) -> str:
+        return "Caddyfile"
+
+    def config_text(self, upstream_port: int) -> str:
+        cert, key, _ = self.cert
+        upstream = f"{HOST}:{upstream_port}"
+        # JSON lines, Caddy's default access log format, in one file. Joined
+        # at the indentation of the template below, which dedent removes.
+        access = (
+            "\n                ".join(
+                [
+                    "log {",
+                    f"    output file {self.log_file('access.log')} {{",
+                    "        roll_disabled",
+                    "    }",
+                    "}",
+                ]
+            )
+            if self.access_log
+            else ""
+        )
+        text = textwrap.dedent(
+            f"""\
+            {{
+                admin off
+                auto_https off
+                grace_period 2s
+                servers {{
+                    protocols h1 h2
+                }}
+            }}
+
+            (matrix) {{
+                bind {HOST}
+                {access}
+                reverse_proxy /_matrix/* {upstream}
+                reverse_proxy /_synapse/client/* {upstream}
+            }}
+
+            http://:{self.plain_port} {{
+                import matrix
+            }}
+
+            https://:{self.tls_port} {{
+                tls {cert} {key}
+                import matrix
+            }}
+            """
+        )
+        # Indented with tabs, as ``caddy fmt`` does, or Caddy warns.
+        return re.sub(r"(?m)^(?: {4})+", lambda m: "\t" * (len(m[0]) // 4), text)
+
+    def argv(self, config: Path) -> list[str]:
+        state = self.run.subdir("caddy-state")
+        return [
+            "env",
+            f"XDG_DATA_HOME={state}",
+            f"XDG_CONFIG_HOME={state}",
+            "GOMAXPROCS=1",
+            "caddy", "run", "--config", str(config), "--adapter", "caddyfile",
+        ]  # fmt: skip
+
+
+@dataclass
 class Floor(Proxy):
     """One of bench/floors.py's stand-ins: what CPython and Twisted cost
     before any proxy feature. Throughput scenarios only."""
@@ -492,6 +575,7 @@ PROXY_CLASSES: dict[str, type[Proxy]] = {
     "matrix-edge": MatrixEdge,
     "nginx": Nginx,
     "haproxy": HAProxy,
+    "caddy": Caddy,
     "raw-proxy": RawProxyFloor,
     "twisted-web": TwistedWebFloor,
 }
@@ -499,6 +583,7 @@ PROXY_PORTS = {
     "matrix-edge": (24100, 24101),
     "nginx": (24200, 24201),
     "haproxy": (24300, 24301),
+    "caddy": (24600, 24601),
     "raw-proxy": (24400, 24401),
     "twisted-web": (24500, 24501),
 }
