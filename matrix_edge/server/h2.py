@@ -49,7 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from matrix_edge.http.errors import CORS_HEADERS, MatrixError
-from matrix_edge.server.h2_frames import HeaderBlockWatch
+from matrix_edge.server.h2_frames import FrameWatch
 from matrix_edge.server.h2_head import Header, RequestHead, parse_request_head
 from matrix_edge.server.sockets import set_no_delay
 
@@ -324,11 +324,13 @@ class H2ServerProtocol(Protocol):
         self._blocked: dict[int, H2Stream] = {}
         """Streams with data held back by flow control, oldest first."""
         self._conn: h2.connection.H2Connection | None = None
-        self._watch = HeaderBlockWatch()
+        self._watch = FrameWatch()
         self.send_paused = False
         self._closing = False
         self._idle_timer: IDelayedCall | None = None
         self._stall_timer: IDelayedCall | None = None
+        self._frames_sent = 0
+        """DATA frames sent, to tell which window updates opened anything."""
         self._close_timer: IDelayedCall | None = None
         self._budget = settings.abuse_budget
         self._budget_at = 0.0
@@ -378,10 +380,19 @@ class H2ServerProtocol(Protocol):
             return
         conn = self._conn
         assert conn is not None
-        in_header_block = self._watch.feed(data)
-        if self._watch.violation is not None:
-            self.close(ErrorCodes(self._watch.violation))
+        watch = self._watch
+        in_header_block = watch.feed(data)
+        if watch.violation is not None:
+            self.close(ErrorCodes(watch.violation))
             return
+        if watch.control_cost:
+            # Each control frame costs a little: enough to end floods of
+            # frames h2 takes in without a word (resets and window updates
+            # for closed streams), not legitimate traffic.
+            self._spend(watch.control_cost)
+            watch.control_cost = 0.0
+            if self._closing:
+                return
         if self._deadline is not None:
             if in_header_block:
                 self._deadline.start(self)
@@ -487,6 +498,7 @@ class H2ServerProtocol(Protocol):
                     return
             if data is not None:
                 conn.send_data(stream.id, data, end_stream=end)
+                self._frames_sent += 1
                 if end:
                     self._response_ended(stream)
                     return
@@ -546,10 +558,15 @@ class H2ServerProtocol(Protocol):
         elif isinstance(event, h2.events.StreamEnded):
             self._stream_ended(event.stream_id)
         elif isinstance(event, h2.events.WindowUpdated):
-            if (event.delta or 0) < SMALL_WINDOW_UPDATE:
-                # Tiny increments make the edge send tiny DATA frames.
+            if self._blocked and (event.delta or 0) < SMALL_WINDOW_UPDATE:
+                # Tiny increments to held-back streams make the edge send
+                # tiny DATA frames, a flush each.
                 self._spend(1.0)
             self._window_updated(event.stream_id)
+        elif isinstance(event, h2.events.UnknownFrameReceived):
+            # Extension frames (PRIORITY_UPDATE among them) are ignored,
+            # but not for free.
+            self._spend(1.0)
         elif isinstance(event, h2.events.StreamReset):
             self._stream_reset(event)
         elif isinstance(event, (h2.events.PingReceived, h2.events.PriorityUpdated)):
@@ -598,6 +615,11 @@ class H2ServerProtocol(Protocol):
     def _data(self, event: h2.events.DataReceived) -> None:
         conn = self._conn
         assert conn is not None
+        if not event.data and event.stream_ended is None:
+            # An empty DATA frame that does not even end its stream.
+            self._spend(1.0)
+            if self._closing:
+                return
         size = event.flow_controlled_length or 0
         stream = self._streams.get(event.stream_id)
         handler = stream.handler if stream is not None else None
@@ -645,6 +667,7 @@ class H2ServerProtocol(Protocol):
     def _stream_reset(self, event: h2.events.StreamReset) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is None:
+            self._spend(1.0)  # nothing to reset
             return
         if event.remote_reset and not stream.response_ended:
             self._spend(self._settings.reset_cost)
@@ -653,7 +676,15 @@ class H2ServerProtocol(Protocol):
 
     def _window_updated(self, stream_id: int) -> None:
         if stream_id == 0:
-            self._flush_blocked()
+            if self._blocked:
+                sent = self._frames_sent
+                self._flush_blocked()
+                if self._frames_sent == sent:
+                    # Every held-back stream waits on its own window: the
+                    # update bought a pass over them all, and nothing else.
+                    self._spend(1.0)
+        elif stream_id not in self._streams:
+            self._spend(1.0)  # a stream long closed, or never opened
         else:
             stream = self._blocked.get(stream_id)
             if stream is not None:

@@ -554,3 +554,46 @@ def test_an_answer_racing_the_clients_reset_in_one_read_is_quiet():
     assert failures == []
     assert h.goaway() is None
     assert h.response(second)[:3] == (200, b"{}", True)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        # h2 drops these without an event: only the frame count sees them.
+        hyperframe.frame.RstStreamFrame(1, error_code=0),
+        hyperframe.frame.WindowUpdateFrame(1, window_increment=1),
+        # Events the edge ignores, but not for free.
+        hyperframe.frame.DataFrame(1, b""),
+        b"\x00\x00\x01\xfa\x00\x00\x00\x00\x00x",  # type 0xfa, one byte
+    ],
+    ids=["rst-closed", "window-update-closed", "empty-data", "unknown-type"],
+)
+def test_floods_of_frames_that_do_nothing_are_stopped(frame):
+    h = H2Harness()
+    stream_id = h.request(b"POST", b"/_matrix/client/v3/x", body=b"", end=False)
+    if not isinstance(frame, hyperframe.frame.DataFrame):
+        h.client.end_stream(stream_id)
+        h.send()
+        h.connect_upstream()
+        h.upstream_says(OK)
+    raw = frame if isinstance(frame, bytes) else frame.serialize()
+    h.send(raw * 200_000)
+    h.receive()
+    assert h.goaway().error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_a_client_acknowledging_every_data_frame_is_served():
+    """Some clients send a WINDOW_UPDATE for each DATA frame they read."""
+    h = H2Harness()
+    for _ in range(3000):
+        stream_id = h.request(b"GET", b"/_matrix/client/versions")
+        if h.clock.tcpClients:
+            h.connect_upstream()
+        h.upstream_says(OK, 0)
+        h.send(
+            hyperframe.frame.WindowUpdateFrame(0, window_increment=2).serialize()
+            + hyperframe.frame.WindowUpdateFrame(
+                stream_id, window_increment=2
+            ).serialize()
+        )
+    assert h.goaway() is None
