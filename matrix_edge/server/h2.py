@@ -17,9 +17,9 @@ Flow control carries back-pressure in both directions:
   connection's send buffer fills (a client that grants window but does not
   read), the edge stops reading from the client and pauses every stream.
 
-After a GOAWAY, the connection takes no more input: what the client still
-sends is dropped, and the connection is aborted if it has not closed
-within ``CLOSE_GRACE`` seconds.
+After a GOAWAY, the edge stops reading the connection, and aborts it if
+it has not closed within ``CLOSE_GRACE`` seconds (a TLS close waits for the
+client's close_notify, which is not read any more).
 """
 
 from __future__ import annotations
@@ -812,6 +812,8 @@ class H2ServerProtocol(Protocol):
         if transport is None or self._lost:
             return
         self._transport.unregisterProducer()
+        # Nothing the client sends now is wanted: stop reading it at all.
+        self._transport.pauseProducing()
         transport.loseConnection()
         self._close_timer = self._clock.callLater(CLOSE_GRACE, self._abort)
 

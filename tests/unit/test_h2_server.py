@@ -416,6 +416,7 @@ def test_after_a_protocol_error_input_is_dropped_and_the_connection_closes_in_ti
     h.receive()
     assert h.goaway() is not None
     assert h.transport.disconnecting
+    assert h.transport.producerState == "paused"  # no longer read
     h.transport.clear()
     h.send(b"\x00" * 100_000)
     assert h.transport.value() == b""
