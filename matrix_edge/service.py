@@ -11,12 +11,7 @@ from typing import Any
 import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.endpoints import (
-    AdoptedStreamServerEndpoint,
-    TCP4ServerEndpoint,
-    TCP6ServerEndpoint,
-)
-from twisted.internet.error import CannotListenError
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
@@ -43,13 +38,23 @@ from matrix_edge.workers import InheritedSocket, WorkerSupervisor
 log = Logger()
 
 
-class ListenerService(Service):
-    """Binds one listener on each of its addresses.
+class ListenError(Exception):
+    """An address of a listener that cannot be bound: another process has
+    the port, or this user may not bind it."""
 
-    Binding happens in ``privilegedStartService``, so that ports below 1024
-    can be bound before twistd drops privileges (``--uid``). As in Synapse,
-    failing to bind 0.0.0.0 is tolerated when ``::`` is bound as well: on a
-    dual-stack host the IPv6 wildcard already covers IPv4.
+
+class ListenerService(Service):
+    """Listens on each of one listener's addresses.
+
+    L{bind} binds the sockets; L{make_service} calls it, so that they are
+    bound while twistd builds the service, before it daemonises: a port
+    that is taken or not permitted then ends ``twistd`` at once, with the
+    reason on its stderr, in daemon mode too (a daemon reports a failure
+    to twistd's waiting parent only in part, see L{matrix_edge.tap}). This is
+    also before twistd drops privileges (``--uid``), so ports below 1024
+    can be bound. ``privilegedStartService`` starts accepting on them. As
+    in Synapse, failing to bind 0.0.0.0 is tolerated when ``::`` is bound
+    as well: on a dual-stack host the IPv6 wildcard already covers IPv4.
     """
 
     def __init__(
@@ -59,29 +64,41 @@ class ListenerService(Service):
         factory: IProtocolFactory,
         inherited: dict[str, int] | None = None,
         reuse_port: bool = False,
+        index: int = 0,
     ):
         """
         @param inherited: sockets already bound by another process, by
             address, as file descriptors (a worker's, see L{workers}).
         @param reuse_port: bind with SO_REUSEPORT, so that workers get
             sockets of their own on the same port (L{worker_sockets}).
+        @param index: the listener's place in ``listeners``, for errors.
         """
         self._reactor = reactor
         self._listener = listener
         self._factory = factory
         self._inherited = inherited
         self._reuse_port = reuse_port
+        self._index = index
+        self._bound: list[tuple[str, int]] | None = None
         self.ports: list[tuple[str, IListeningPort]] = []
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+    def bind(self) -> None:
+        """Bind and listen on every address, or raise L{ListenError} naming
+        the listener and the reason. Connections wait in the backlog until
+        the service starts."""
+        if self._bound is not None:
+            return
         listener = self._listener
+        bound: list[tuple[str, int]] = []
         for address in listener.bind_addresses:
-            if self._inherited is not None and address not in self._inherited:
-                continue  # the first process could not bind it either
+            if self._inherited is not None:
+                # A worker: the first process has bound what it could.
+                if address in self._inherited:
+                    bound.append((address, self._inherited[address]))
+                continue
             try:
-                port = self._listen(address)
-            except CannotListenError as e:
+                sock = listening_socket(address, listener.port, self._reuse_port)
+            except OSError as e:
                 if _is_tolerated_bind_error(e, address, listener.bind_addresses):
                     log.info(
                         "{address} port {port} is already covered by '::'",
@@ -89,11 +106,23 @@ class ListenerService(Service):
                         port=listener.port,
                     )
                     continue
-                raise SystemExit(
-                    f"matrix-edge: cannot listen on {address} port "
-                    f"{listener.port} ({listener.tag}): {_reason(e)}"
+                for _, fd in bound:
+                    os.close(fd)
+                raise ListenError(
+                    f"cannot listen on {address} port {listener.port} "
+                    f"(listeners[{self._index}], {listener.tag}): "
+                    f"{_reason(e, listener.port)}"
                 ) from None
-            self.ports.append((address, port))
+            bound.append((address, sock.detach()))
+        self._bound = bound
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.bind()
+        bound, self._bound = self._bound or [], []
+        listener = self._listener
+        for address, fd in bound:
+            self.ports.append((address, self._adopt(address, fd)))
             log.info(
                 "Listening on {address} port {port} ({tag}, {scheme})",
                 address=address,
@@ -102,34 +131,18 @@ class ListenerService(Service):
                 scheme=listener.scheme.decode(),
             )
 
-    def _listen(self, address: str) -> IListeningPort:
-        endpoint: IStreamServerEndpoint
+    def _adopt(self, address: str, fd: int) -> IListeningPort:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        if self._inherited is not None and address in self._inherited:
-            endpoint = AdoptedStreamServerEndpoint(
-                self._reactor, self._inherited[address], family
-            )
-        elif self._reuse_port:
-            try:
-                sock = reuse_port_socket(address, self._listener.port)
-            except OSError as e:
-                raise CannotListenError(address, self._listener.port, e) from e
-            # The endpoint adopts a duplicate and closes the descriptor.
-            endpoint = AdoptedStreamServerEndpoint(self._reactor, sock.detach(), family)
-        elif family == socket.AF_INET6:
-            endpoint = TCP6ServerEndpoint(
-                self._reactor, self._listener.port, backlog=511, interface=address
-            )
-        else:
-            endpoint = TCP4ServerEndpoint(
-                self._reactor, self._listener.port, backlog=511, interface=address
-            )
+        # The endpoint adopts a duplicate and closes the descriptor.
+        endpoint: IStreamServerEndpoint = AdoptedStreamServerEndpoint(
+            self._reactor, fd, family
+        )
         if self._listener.proxy_protocol:
             # The PROXY header comes first on the wire, before TLS.
             endpoint = proxyEndpoint(endpoint)
         outcome: list[IListeningPort | Failure] = []
         endpoint.listen(self._factory).addBoth(outcome.append)
-        # TCP endpoints bind before listen() returns.
+        # Adopting a socket completes before listen() returns.
         [result] = outcome
         if isinstance(result, Failure):
             result.raiseException()
@@ -146,31 +159,45 @@ class ListenerService(Service):
         out = []
         for address, port in self.ports:
             try:
-                sock = reuse_port_socket(address, self._listener.port)
+                sock = listening_socket(address, self._listener.port, reuse_port=True)
             except OSError:
                 fileno = port.fileno()  # type: ignore[attr-defined]
                 sock = socket.socket(fileno=os.dup(fileno))
             out.append((address, sock))
         return out
 
+    def close(self) -> None:
+        """Close the sockets L{bind} bound, if the service never started."""
+        bound, self._bound = self._bound or [], None
+        for _, fd in bound:
+            os.close(fd)
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        self.close()
         ports, self.ports = self.ports, []
         return gatherResults(
             [maybeDeferred(p.stopListening) for _, p in ports]
         ).addCallback(lambda _: None)
 
 
-def reuse_port_socket(address: str, port: int) -> socket.socket:
-    """A listening socket with SO_REUSEPORT: other processes of the same
+def listening_socket(
+    address: str, port: int, reuse_port: bool = False
+) -> socket.socket:
+    """A bound, listening, non-blocking socket, made as Twisted's TCP ports
+    make theirs (SO_REUSEADDR, IPv6 scope IDs understood) with a backlog of
+    511. With ``reuse_port``, SO_REUSEPORT too: other processes of the same
     user may bind the same address and port, and the kernel balances new
     connections across them."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    flags = socket.AI_NUMERICHOST | socket.AI_PASSIVE
+    sockaddr = socket.getaddrinfo(address, port, family, socket.SOCK_STREAM, 0, flags)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((address, port))
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(sockaddr[0][4])
         sock.listen(511)
         sock.setblocking(False)
     except OSError:
@@ -180,17 +207,18 @@ def reuse_port_socket(address: str, port: int) -> socket.socket:
 
 
 def _is_tolerated_bind_error(
-    error: CannotListenError, address: str, addresses: tuple[str, ...]
+    error: OSError, address: str, addresses: tuple[str, ...]
 ) -> bool:
     return (
-        address == "0.0.0.0"
-        and "::" in addresses
-        and getattr(error.socketError, "errno", None) == errno.EADDRINUSE
+        address == "0.0.0.0" and "::" in addresses and error.errno == errno.EADDRINUSE
     )
 
 
-def _reason(error: CannotListenError) -> str:
-    return str(getattr(error.socketError, "strerror", None) or error.socketError)
+def _reason(error: OSError, port: int) -> str:
+    reason = error.strerror or str(error)
+    if error.errno == errno.EACCES and port < 1024:
+        reason += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    return reason
 
 
 class UpstreamService(Service):
@@ -241,7 +269,9 @@ def make_service(
     """Build the service tree for ``config``.
 
     Raises L{ConfigError} for problems only visible when loading files
-    (certificates that do not parse, keys that do not match). With
+    (certificates that do not parse, keys that do not match), and
+    L{ListenError} for an address that cannot be bound: the listening
+    sockets are bound here, before twistd daemonises. With
     ``config_path``, SIGHUP re-reads that file and applies what can change
     while running, and ``processes`` > 1 starts workers. A worker passes the
     ``inherited`` sockets it got from the first process.
@@ -295,9 +325,17 @@ def make_service(
             factory,
             adopted,
             reuse_port=config.processes > 1 and inherited is None,
+            index=i,
         )
         listening.setServiceParent(top)
         listening_services.append(listening)
+    try:
+        for listening in listening_services:
+            listening.bind()
+    except ListenError:
+        for listening in listening_services:
+            listening.close()
+        raise
 
     reloader = SighupService(reactor)
     for context in {id(t): t for t in tls.values()}.values():

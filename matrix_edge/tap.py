@@ -110,6 +110,13 @@ class Options(usage.Options):
 
     edge_config: EdgeConfig
 
+    def opt_version(self) -> None:
+        """Print matrix-edge's version and exit."""
+        from matrix_edge.version import version
+
+        print(f"matrix-edge {version()}")
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         if self["generate-config"]:
             sys.stdout.write(default_config_text())
@@ -130,6 +137,12 @@ class Options(usage.Options):
             raise SystemExit(0)
         if self.subCommand in ("route", "routes"):
             _dry_run(self.edge_config, self.subCommand, self.subOptions)
+        if self.parent is not None:
+            # twistd reads its options for the log observer after ours are
+            # parsed: `log_level` filters whatever observer it sets up.
+            from matrix_edge.logs import filter_twistd_log
+
+            filter_twistd_log(self.parent, self.edge_config.log_level)
 
 
 def _migrate(options: Any) -> None:
@@ -195,9 +208,16 @@ def _run(reactor: Any, start: Any) -> Any:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from matrix_edge.service import make_service
+    from matrix_edge.service import ListenError, make_service
 
+    # twistd calls this before it daemonises, so what fails here (a
+    # certificate, a port) ends twistd itself, with the reason on stderr. Once
+    # daemonised, a failure reaches the waiting parent only as an exception
+    # from starting the services, cut to 100 bytes; a daemon that exits
+    # otherwise leaves it waiting for ever (Twisted issue 7745).
     try:
         return make_service(options.edge_config, reactor, options["config"])
     except ConfigError as e:
         raise SystemExit(config_error_message(options["config"], e)) from None
+    except ListenError as e:
+        raise SystemExit(f"matrix-edge: {e}") from None

@@ -12,16 +12,12 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.error import ConnectionDone, ReactorNotRunning
 from twisted.internet.interfaces import IReadDescriptor
-from twisted.logger import (
-    FileLogObserver,
-    LogLevel,
-    formatEvent,
-    globalLogBeginner,
-)
+from twisted.logger import globalLogBeginner
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from matrix_edge.config.edge import load_config
+from matrix_edge.logs import worker_log_observer
 from matrix_edge.workers import InheritedSocket
 
 
@@ -54,15 +50,6 @@ class _ParentWatch:
 the_reactor: Any = reactor
 
 
-def _format(event: dict[str, Any]) -> str:
-    # The first process adds the time and its own prefix when it relays.
-    level = event.get("log_level", LogLevel.info).name
-    text = formatEvent(event)
-    if "log_failure" in event:
-        text += "\n" + event["log_failure"].getTraceback()
-    return f"[{event.get('log_namespace', '-')}#{level}] {text}\n"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="matrix_edge.worker")
     parser.add_argument("--config", required=True)
@@ -70,12 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--socket", action="append", default=[])
     args = parser.parse_args(argv)
 
+    config = load_config(args.config)
+    # Events go to the first process as JSON, which formats them once, in
+    # its own log, as its own.
     globalLogBeginner.beginLoggingTo(
-        [FileLogObserver(sys.stdout, _format)], redirectStandardIO=False
+        [worker_log_observer(sys.stdout, config.log_level)], redirectStandardIO=False
     )
     from matrix_edge.service import make_service
 
-    config = load_config(args.config)
     inherited = [InheritedSocket.from_arg(text) for text in args.socket]
     service = make_service(config, the_reactor, args.config, inherited=inherited)
     the_reactor.addReader(_ParentWatch())

@@ -4,9 +4,9 @@ The first process binds the listening sockets (as root, if it must), then
 starts ``processes - 1`` workers that inherit sockets bound to the same
 ports with SO_REUSEPORT: the kernel spreads new connections evenly over
 the processes. The first process
-serves too, relays the workers' logs into its own, passes SIGHUP on, and
-stops them when it stops, so one pidfile and one supervisor entry cover
-them all.
+serves too, relays the workers' logs into its own (each event once, marked
+with the worker, see L{matrix_edge.logs}), passes SIGHUP on, and stops them
+when it stops, so one pidfile and one supervisor entry cover them all.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from matrix_edge.logs import relayed_event
 
 log = Logger()
 
@@ -57,16 +59,28 @@ class _Worker(ProcessProtocol):
         self.index = index
         self._on_exit = on_exit
         self._log = Logger(namespace=f"matrix_edge.worker.{index}")
-        self._partial = b""
+        self._partial = {1: b"", 2: b""}
         self.ended: Deferred[None] = Deferred()
 
-    def outReceived(self, data: bytes) -> None:
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            if line:
-                self._log.info("{line}", line=line.decode("utf-8", "replace"))
-
-    errReceived = outReceived
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        """The worker's log events on stdout, one JSON object a line, are
+        published here as they were logged there; anything else it prints
+        (a crash before its log is set up) is logged as text, at ERROR when
+        it came on stderr."""
+        *lines, self._partial[childFD] = (self._partial.get(childFD, b"") + data).split(
+            b"\n"
+        )
+        for raw in lines:
+            if not raw:
+                continue
+            line = raw.decode("utf-8", "replace")
+            event = relayed_event(line, self.index) if childFD == 1 else None
+            if event is not None:
+                self._log.observer(event)
+            elif childFD == 1:
+                self._log.info("{line}", line=line)
+            else:
+                self._log.error("{line}", line=line)
 
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)

@@ -19,6 +19,7 @@ from matrix_edge.config._base import (
 )
 from matrix_edge.config.access_log import AccessLogConfig, parse_access_log
 from matrix_edge.config.listeners import ListenerConfig, parse_listeners
+from matrix_edge.config.log_level import LogLevelSetting, parse_log_level
 from matrix_edge.config.maintenance import MaintenanceConfig, parse_maintenance
 from matrix_edge.config.proxies import IPNetwork, parse_networks
 from matrix_edge.config.timeouts import TimeoutsConfig, parse_timeouts
@@ -55,6 +56,10 @@ class EdgeConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     timeouts: TimeoutsConfig = attrs.field(factory=TimeoutsConfig)
     access_log: AccessLogConfig = attrs.field(factory=AccessLogConfig)
+    log_level: LogLevelSetting = LogLevelSetting.INFO
+    """The least severe events written to twistd's log (and relayed from
+    workers)."""
+
     well_known: WellKnownConfig = attrs.field(factory=WellKnownConfig)
     maintenance: MaintenanceConfig = attrs.field(factory=MaintenanceConfig)
     workers: WorkersConfig = attrs.field(factory=WorkersConfig)
@@ -72,6 +77,7 @@ _TOP_KEYS = (
     "trusted_proxies",
     "timeouts",
     "access_log",
+    "log_level",
     "well_known",
     "maintenance",
     "workers",
@@ -114,6 +120,7 @@ def parse_config(value: object, path: KeyPath = ()) -> EdgeConfig:
         ),
         timeouts=parse_timeouts(data.get("timeouts"), (*path, "timeouts")),
         access_log=parse_access_log(data.get("access_log"), (*path, "access_log")),
+        log_level=parse_log_level(data.get("log_level", "info"), (*path, "log_level")),
         well_known=parse_well_known(data.get("well_known"), (*path, "well_known")),
         maintenance=parse_maintenance(data.get("maintenance"), (*path, "maintenance")),
         workers=parse_workers(data.get("workers"), (*path, "workers")),

@@ -2,9 +2,13 @@
 
 Through twisted.logger every line is formatted as an event and written and
 flushed on its own, which costs more than the rest of a small request's
-logging. Here lines are timestamped from a per-second cache and written
-together when 64 KiB have gathered or a second has passed, as nginx's
+logging. Here lines are timestamped from a per-second cache (JSON records
+carry their own time and are written as they are) and written together when
+64 KiB have gathered or a second has passed, as nginx's
 ``access_log ... buffer= flush=`` does.
+
+SIGHUP reopens the file at its path (L{AccessLogFile.reopen}), which is
+what logrotate's ``postrotate`` step asks for.
 """
 
 from __future__ import annotations
@@ -45,12 +49,20 @@ class AccessLogFile(Service):
             self._file = None
 
     def write_line(self, line: str) -> None:
+        """Add C{line} after the time, as twistd's log lines have it."""
         now = self._clock.seconds()
         second = int(now)
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
-        entry = f"{self._stamp} {line}\n"
+        self._append(f"{self._stamp} {line}\n")
+
+    def write_record(self, line: str) -> None:
+        """Add C{line}, a JSON object with its own time, as it is: the file
+        is then JSON Lines."""
+        self._append(line + "\n")
+
+    def _append(self, entry: str) -> None:
         self._lines.append(entry)
         self._size += len(entry)
         if self._size >= FLUSH_BYTES:

@@ -14,9 +14,10 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from matrix_edge import twisted_private
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.listeners import ListenerConfig, ListenerType
-from matrix_edge.http import errors, twisted_private
+from matrix_edge.http import errors
 from matrix_edge.http.accesslog import AccessLog, redact_target
 from matrix_edge.http.accesslog_file import AccessLogFile
 from matrix_edge.http.deadlines import HeaderDeadlines, SlowHeaders

@@ -12,7 +12,7 @@ from typing import Any, Protocol, cast
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
-from matrix_edge.http import twisted_private
+from matrix_edge import twisted_private
 from matrix_edge.server.h2 import ErrorCodes
 from matrix_edge.server.h2_channel import H2RequestChannel
 

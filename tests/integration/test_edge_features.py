@@ -289,7 +289,12 @@ async def test_json_access_log(make_stack):
         globalLogPublisher.removeObserver(events.append)
     [entry] = [e["access"] for e in events if "access_json" in e]
     assert entry["origin"] == "hs2.test"
-    assert entry["status"] == "200"
+    assert entry["status"] == 200
+    assert entry["client_disconnected"] is False
+    assert (
+        json.loads(next(e["access_json"] for e in events if "access_json" in e))
+        == entry
+    )
     assert entry["request_id"]
     assert entry["listener"] == "client-1"
     assert entry["upstream_seconds"] is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -92,25 +93,52 @@ def test_init_script_lifecycle(tmp_path: Path) -> None:
     assert not Path(env["PIDFILE"]).exists()
 
 
-def test_init_script_refuses_a_broken_config(tmp_path: Path) -> None:
-    config = tmp_path / "broken.yaml"
-    config.write_text("listeners: []\nupstream: http://127.0.0.1:8008\n")
+def _init_start(
+    tmp_path: Path, config: Path
+) -> tuple[subprocess.CompletedProcess, float]:
+    """``etc/init.d/matrix-edge start``, and how long it took; a start that
+    hangs fails at the timeout."""
+    started = time.monotonic()
     result = subprocess.run(
         ["sh", str(ETC / "init.d" / "matrix-edge"), "start"],
         env=dict(
             os.environ,
             TWISTD=processes.TWISTD,
             CONFIG=str(config),
-            PIDFILE=str(tmp_path / "pid"),
-            LOGFILE=str(tmp_path / "log"),
+            PIDFILE=str(tmp_path / "run" / "pid"),
+            LOGFILE=str(tmp_path / "log" / "log"),
             DEFAULTS="/nonexistent",
+            PYTHONPATH=str(processes.REPO),
         ),
         capture_output=True,
         text=True,
         timeout=60,
     )
+    return result, time.monotonic() - started
+
+
+def test_init_script_refuses_a_broken_config(tmp_path: Path) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text("listeners: []\nupstream: http://127.0.0.1:8008\n")
+    result, elapsed = _init_start(tmp_path, config)
     assert result.returncode != 0
+    assert elapsed < 30
     assert "listeners: at least one listener is required" in result.stderr
+    assert not (tmp_path / "run" / "pid").exists()
+
+
+def test_init_script_start_fails_fast_when_port_is_taken(tmp_path: Path) -> None:
+    config, port = _sample_config(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result, elapsed = _init_start(tmp_path, config)
+    assert result.returncode != 0
+    assert elapsed < 30
+    assert f"cannot listen on 127.0.0.1 port {port}" in result.stderr
+    assert "matrix-edge did not start" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "pid").exists()
 
 
 def _unit_commands() -> dict[str, list[str]]:

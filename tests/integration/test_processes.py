@@ -3,6 +3,7 @@ get SIGHUP and stop with the first process."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -48,7 +49,9 @@ def test_two_processes_share_the_listeners(tmp_path: Path) -> None:
         worker_pid = int(
             re.search(r"Started worker 1 \(pid (\d+)\)", edge.log()).group(1)
         )
-        _wait_for(lambda: "worker.1" in edge.log() and "Listening on ::1" in edge.log())
+        _wait_for(
+            lambda: "[worker-1 matrix_edge.service#info] Listening on ::1" in edge.log()
+        )
         request = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n"
 
         def served_by_both() -> bool:
@@ -58,9 +61,7 @@ def test_two_processes_share_the_listeners(tmp_path: Path) -> None:
             log = edge.log()
             own = len(re.findall(r"\[matrix_edge\.access\.client-\d+#info\]", log))
             worker = len(
-                re.findall(
-                    r"\[matrix_edge\.worker\.1#info\] \[matrix_edge\.access", log
-                )
+                re.findall(r"\[worker-1 matrix_edge\.access\.client-\d+#info\]", log)
             )
             return own > 0 and worker > 0
 
@@ -69,16 +70,65 @@ def test_two_processes_share_the_listeners(tmp_path: Path) -> None:
         os.kill(edge.pid, signal.SIGHUP)
         _wait_for(
             lambda: re.search(
-                r"worker\.1#info\] \[matrix_edge\.tls#info\] Reloading", edge.log()
+                r"\[worker-1 matrix_edge\.tls#info\] Reloading", edge.log()
             )
         )
 
         edge.stop()
         _wait_for(lambda: not _alive(worker_pid))
         assert "Traceback" not in edge.log()
+        # A worker's line is prefixed once, by the first process's log, with
+        # the worker's own namespace and level.
+        worker_lines = [line for line in edge.log().splitlines() if "worker-1" in line]
+        assert worker_lines
+        for line in edge.log().splitlines():
+            assert re.match(r"\S+ \[[^\]]+\] (?!\[)", line), line
     finally:
         edge.stop()
         upstream.stop()
+
+
+def test_workers_write_json_lines_to_the_access_log_file(tmp_path: Path) -> None:
+    upstream_port = processes.free_port()
+    port = processes.free_port()
+    access = tmp_path / "access.log"
+    config = processes.write_config(
+        tmp_path / "edge.yaml",
+        {
+            "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
+            "upstream": f"http://127.0.0.1:{upstream_port}",
+            "processes": 2,
+            "access_log": {"format": "json", "path": str(access)},
+        },
+    )
+    upstream = processes.start_upstream(upstream_port, tmp_path / "upstream.log")
+    edge = processes.start_edge(config, tmp_path / "edge.log", wait=("127.0.0.1", port))
+    try:
+        _wait_for(lambda: "[worker-1 matrix_edge.service#info] Listening" in edge.log())
+        request = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n"
+
+        def twenty_written() -> bool:
+            # A new connection each time: the kernel spreads them over both
+            # processes, which append to the same file.
+            assert exchange(port, request).status == 200
+            if not access.exists():
+                return False
+            ids = {
+                json.loads(line)["request_id"]
+                for line in access.read_text().splitlines()
+            }
+            return len(ids) >= 20
+
+        _wait_for(twenty_written)
+    finally:
+        edge.stop()
+        upstream.stop()
+    lines = access.read_text().splitlines()
+    entries = [json.loads(line) for line in lines]
+    assert {type(e["status"]) for e in entries} == {int}
+    assert {e["status"] for e in entries} == {200}
+    # Each line is whole: neither process's writes split the other's.
+    assert all(line.startswith('{"time": ') and line.endswith("}") for line in lines)
 
 
 def test_a_worker_that_dies_is_started_again(tmp_path: Path) -> None:

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -419,3 +424,318 @@ def test_sighup_switches_maintenance_mode(tmp_path: Path) -> None:
     finally:
         edge.stop()
         upstream.stop()
+
+
+def test_version_is_matrix_edges_own() -> None:
+    result = _run_twistd("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"matrix-edge {metadata.version('matrix-edge')}\n"
+
+
+# A failed start in daemon mode ends twistd with the reason on stderr: it
+# used to wait forever for a daemon that had exited. Well within this
+# bound; a hang fails the test at the subprocess timeout.
+DAEMON_START_LIMIT = 15.0
+
+
+def _start_daemon(
+    tmp_path: Path, config: Path, wrapper: Sequence[str] = ()
+) -> tuple[subprocess.CompletedProcess, float, Path]:
+    """Run ``twistd matrix-edge`` as a daemon; its result, how long it took
+    and its pidfile."""
+    pidfile = tmp_path / "edge.pid"
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            *wrapper,
+            processes.TWISTD,
+            "--pidfile",
+            str(pidfile),
+            "--logfile",
+            str(tmp_path / "edge.log"),
+            "matrix-edge",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=2 * DAEMON_START_LIMIT,
+        cwd=processes.REPO,
+    )
+    return result, time.monotonic() - started, pidfile
+
+
+def _assert_failed_start(
+    result: subprocess.CompletedProcess, elapsed: float, pidfile: Path, message: str
+) -> None:
+    assert result.returncode != 0
+    assert elapsed < DAEMON_START_LIMIT
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not pidfile.exists()
+
+
+def test_daemon_start_fails_fast_when_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = processes.write_config(
+            tmp_path / "edge.yaml",
+            {
+                "listeners": [
+                    {"port": processes.free_port(), "bind_addresses": ["127.0.0.1"]},
+                    {"port": port, "bind_addresses": ["127.0.0.1"]},
+                ],
+                "upstream": "http://127.0.0.1:8008",
+            },
+        )
+        result, elapsed, pidfile = _start_daemon(tmp_path, config)
+    _assert_failed_start(
+        result,
+        elapsed,
+        pidfile,
+        f"matrix-edge: cannot listen on 127.0.0.1 port {port} "
+        f"(listeners[1], client-{port}): Address already in use",
+    )
+
+
+def test_daemon_start_fails_fast_on_a_bad_config(tmp_path: Path) -> None:
+    config = tmp_path / "edge.yaml"
+    config.write_text("listeners: []\nupstream: http://127.0.0.1:8008\n")
+    result, elapsed, pidfile = _start_daemon(tmp_path, config)
+    _assert_failed_start(
+        result, elapsed, pidfile, "listeners: at least one listener is required"
+    )
+
+
+def test_daemon_start_fails_fast_on_a_bad_certificate(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    config = processes.write_config(
+        tmp_path / "edge.yaml",
+        {
+            "listeners": [
+                {
+                    "port": processes.free_port(),
+                    "bind_addresses": ["127.0.0.1"],
+                    "tls": {
+                        "certificate_path": str(garbage),
+                        "private_key_path": str(garbage),
+                    },
+                }
+            ],
+            "upstream": "http://127.0.0.1:8008",
+        },
+    )
+    result, elapsed, pidfile = _start_daemon(tmp_path, config)
+    _assert_failed_start(
+        result, elapsed, pidfile, f"listeners[0].tls: no certificate in {garbage}"
+    )
+
+
+# Root without the capabilities that let it bind ports below 1024 and read
+# any file: the permission errors an unprivileged user gets.
+_WITHOUT_PRIVILEGE = (
+    "setpriv",
+    "--bounding-set=-net_bind_service,-dac_override,-dac_read_search",
+)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to take privileges away",
+)
+def test_daemon_start_fails_fast_on_a_privileged_port(tmp_path: Path) -> None:
+    config = processes.write_config(
+        tmp_path / "edge.yaml",
+        {
+            "listeners": [{"port": 443, "bind_addresses": ["127.0.0.1"]}],
+            "upstream": "http://127.0.0.1:8008",
+        },
+    )
+    result, elapsed, pidfile = _start_daemon(tmp_path, config, _WITHOUT_PRIVILEGE)
+    _assert_failed_start(
+        result,
+        elapsed,
+        pidfile,
+        "cannot listen on 127.0.0.1 port 443 (listeners[0], client-443): "
+        "Permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+    )
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to take privileges away",
+)
+def test_daemon_start_fails_fast_on_an_unreadable_key(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    key = tmp_path / "privkey.pem"
+    key.write_bytes(pki.key_path.read_bytes())
+    key.chmod(0)
+    config = processes.write_config(
+        tmp_path / "edge.yaml",
+        {
+            "listeners": [
+                {
+                    "port": processes.free_port(),
+                    "bind_addresses": ["127.0.0.1"],
+                    "tls": {
+                        "certificate_path": str(pki.chain_path),
+                        "private_key_path": str(key),
+                    },
+                }
+            ],
+            "upstream": "http://127.0.0.1:8008",
+        },
+    )
+    result, elapsed, pidfile = _start_daemon(tmp_path, config, _WITHOUT_PRIVILEGE)
+    _assert_failed_start(
+        result,
+        elapsed,
+        pidfile,
+        f"listeners[0].tls.private_key_path: file not readable: {key}",
+    )
+
+
+@contextmanager
+def _edge_with(tmp_path: Path, **settings: object) -> Iterator[tuple[int, Any]]:
+    """An edge before a recording upstream, with C{settings} in its config,
+    stopped with the upstream on leaving."""
+    upstream_port = processes.free_port()
+    port = processes.free_port()
+    config = processes.write_config(
+        tmp_path / "edge.yaml",
+        {
+            "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
+            "upstream": f"http://127.0.0.1:{upstream_port}",
+            **settings,
+        },
+    )
+    upstream = processes.start_upstream(upstream_port, tmp_path / "upstream.log")
+    try:
+        edge = processes.start_edge(
+            config, tmp_path / "edge.log", wait=("127.0.0.1", port)
+        )
+        try:
+            yield port, edge
+        finally:
+            edge.stop()
+    finally:
+        upstream.stop()
+
+
+def _until(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.05)
+
+
+_VERSIONS = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n"
+_HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("level", "probes", "requests", "start_up"),
+    [
+        ("debug", True, True, True),
+        ("info", False, True, True),
+        ("warn", False, False, False),
+    ],
+)
+def test_log_level_filters_twistds_log(
+    tmp_path: Path, level: str, probes: bool, requests: bool, start_up: bool
+) -> None:
+    with _edge_with(tmp_path, log_level=level) as (port, edge):
+        assert exchange(port, _HEALTH).status == 200
+        assert exchange(port, _VERSIONS).status == 200
+        # Written after the access entries: the log has caught up.
+        os.kill(edge.pid, signal.SIGHUP)
+        if level != "warn":
+            _until(lambda: "Reloading" in edge.log())
+        else:
+            time.sleep(1)
+    log = edge.log()
+    assert ('"GET /health HTTP/1.1"' in log) is probes
+    assert ('"GET /_matrix/client/versions HTTP/1.1"' in log) is requests
+    assert ("twistd" in log and "starting up" in log) is start_up
+    assert ("#info]" in log) is (level != "warn")
+    assert "Traceback" not in log
+
+
+def test_a_bad_log_level_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "edge.yaml"
+    config.write_text(
+        "listeners: [{port: 8080}]\nupstream: http://127.0.0.1:8008\n"
+        "log_level: verbose\n"
+    )
+    result = _run_twistd("--config", str(config), "--check-config")
+    assert result.returncode != 0
+    assert (
+        f"configuration error in {config}: log_level: expected one of debug, "
+        "info, warn or error, got 'verbose'"
+    ) in result.stderr
+
+
+def _jq(text: str) -> list[dict]:
+    """Each line through ``jq -c .`` as a shipper reads it, when jq is
+    installed; and through json.loads."""
+    if shutil.which("jq"):
+        result = subprocess.run(
+            ["jq", "-c", "."], input=text, capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode == 0, result.stderr
+        assert len(result.stdout.splitlines()) == len(text.splitlines())
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _check_entry(entry: dict) -> None:
+    assert type(entry["status"]) is int
+    assert type(entry["client_disconnected"]) is bool
+    assert type(entry["bytes"]) is int
+    assert isinstance(entry["total_seconds"], float)
+    assert isinstance(entry["timestamp"], float)
+    assert abs(entry["timestamp"] - time.time()) < 120
+    assert entry["time"][:4].isdigit() and entry["time"][-6] in "+-"
+
+
+def test_json_access_log_file_is_json_lines_and_reopened_on_sighup(
+    tmp_path: Path,
+) -> None:
+    access = tmp_path / "access.log"
+    settings = {"access_log": {"format": "json", "path": str(access)}}
+    with _edge_with(tmp_path, **settings) as (port, edge):
+        assert exchange(port, _VERSIONS).status == 200
+        assert exchange(port, _HEALTH).status == 200
+        _until(lambda: access.exists() and access.read_text().endswith("\n"))
+        # logrotate moves the file, then sends SIGHUP (postrotate).
+        access.rename(tmp_path / "access.log.1")
+        os.kill(edge.pid, signal.SIGHUP)
+        _until(lambda: access.exists())
+        assert exchange(port, _VERSIONS).status == 200
+        _until(lambda: len(access.read_text().splitlines()) == 1)
+    rotated = _jq((tmp_path / "access.log.1").read_text())
+    fresh = _jq(access.read_text())
+    assert [e["target"] for e in rotated] == ["/_matrix/client/versions"]
+    assert len(fresh) == 1
+    for entry in rotated + fresh:
+        _check_entry(entry)
+        assert entry["status"] == 200
+    # The access entries went to the file, not to twistd's log.
+    assert "client/versions" not in edge.log()
+
+
+def test_json_access_log_without_a_path_is_the_message(tmp_path: Path) -> None:
+    """In twistd's log, after twistd's time and system, the message is the
+    JSON object and nothing else."""
+    with _edge_with(tmp_path, access_log={"format": "json"}) as (port, edge):
+        assert exchange(port, _VERSIONS).status == 200
+        _until(lambda: "client/versions" in edge.log())
+    [line] = [line for line in edge.log().splitlines() if "client/versions" in line]
+    prefix, _, message = line.partition("] ")
+    assert prefix.endswith(f"[matrix_edge.access.client-{port}#info")
+    [entry] = _jq(message + "\n")
+    _check_entry(entry)
+    assert entry["status"] == 200

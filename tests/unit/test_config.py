@@ -14,6 +14,7 @@ from matrix_edge.config._base import (
     parse_size,
 )
 from matrix_edge.config.edge import default_config_text, parse_config
+from matrix_edge.config.log_level import LogLevelSetting
 from matrix_edge.config.well_known import check_server_name
 
 
@@ -92,6 +93,23 @@ def test_defaults():
     assert config.upstream.host == "127.0.0.1"
     assert config.upstream.port == 8008
     assert not config.well_known.enabled
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("debug", LogLevelSetting.DEBUG),
+        ("info", LogLevelSetting.INFO),
+        ("INFO", LogLevelSetting.INFO),
+        ("warn", LogLevelSetting.WARN),
+        # Python logging's names, as in Synapse's log config.
+        ("WARNING", LogLevelSetting.WARN),
+        ("error", LogLevelSetting.ERROR),
+    ],
+)
+def test_log_level(value, expected):
+    assert parse_config(_minimal()).log_level is LogLevelSetting.INFO
+    assert parse_config(_minimal(log_level=value)).log_level is expected
 
 
 def test_values_are_frozen():
@@ -174,6 +192,14 @@ def test_upstream_forms(upstream, expected):
         (
             _minimal(listeners=[{"port": 1, "http2": True}]),
             "listeners[0].http2: HTTP/2 needs `tls`",
+        ),
+        (
+            _minimal(log_level="verbose"),
+            "log_level: expected one of debug, info, warn or error, got 'verbose'",
+        ),
+        (
+            _minimal(log_level=10),
+            "log_level: expected one of debug, info, warn or error, got 10",
         ),
         (_minimal(extra=1), "extra: unknown key"),
         ([], "expected a mapping"),

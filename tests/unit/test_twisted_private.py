@@ -1,4 +1,4 @@
-"""The private names of twisted.web that matrix_edge.http.twisted_private
+"""The private names of Twisted that matrix_edge.twisted_private
 relies on: if a Twisted release removes or renames one, this fails first,
 with the name, rather than the edge misbehaving."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.internet.testing import StringTransport
 from twisted.web.http import HTTPChannel, Request
 
-from matrix_edge.http import twisted_private
+from matrix_edge import twisted_private
 
 
 def test_bad_request_hook_is_what_httpchannel_calls():
@@ -48,3 +48,11 @@ def test_disconnection_is_visible():
     assert not twisted_private.is_disconnected(request)
     request.connectionLost(Exception("gone"))
     assert twisted_private.is_disconnected(request)
+
+
+def test_twistd_builds_its_default_observer(tmp_path):
+    """The observer twistd would use for ``--logfile``, built by its code."""
+    observer = twisted_private.twistd_default_observer(
+        {"logfile": str(tmp_path / "twistd.log"), "nodaemon": True}
+    )
+    assert callable(observer)
