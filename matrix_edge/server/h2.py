@@ -329,6 +329,8 @@ class H2ServerProtocol(Protocol):
         self._closing = False
         self._idle_timer: IDelayedCall | None = None
         self._stall_timer: IDelayedCall | None = None
+        self._last_stream_id = 0
+        """The highest stream whose request the edge took."""
         self._frames_sent = 0
         """DATA frames sent, to tell which window updates opened anything."""
         self._close_timer: IDelayedCall | None = None
@@ -544,7 +546,9 @@ class H2ServerProtocol(Protocol):
             return
         conn = self._conn
         if conn is not None:
-            conn.close_connection(error_code=code)
+            # RFC 9113 section 6.8: streams above this one were not acted
+            # on, and a client may retry them on another connection.
+            conn.close_connection(error_code=code, last_stream_id=self._last_stream_id)
             self._flush()
         self._shut_down(Failure(ConnectionAbandoned(code)))
 
@@ -594,7 +598,7 @@ class H2ServerProtocol(Protocol):
 
     def _request(self, event: h2.events.RequestReceived) -> None:
         self._cancel_idle()
-        stream_id = event.stream_id
+        stream_id = self._last_stream_id = event.stream_id
         ended = event.stream_ended is not None
         stream = H2Stream(self, stream_id)
         stream.request_ended = stream.body_done = ended
@@ -788,9 +792,12 @@ class H2ServerProtocol(Protocol):
         )
         conn = self._conn
         assert conn is not None
-        if code != queued:
-            conn.data_to_send()  # h2's GOAWAY, with the wrong code
-            conn.close_connection(error_code=code)
+        # h2's own GOAWAY names the highest stream it saw, though the events
+        # of the read that failed (requests among them) never reached the
+        # edge; and its code can be wrong (above). The edge's names the
+        # highest stream it took, so the client knows what to retry.
+        conn.data_to_send()
+        conn.close_connection(error_code=code, last_stream_id=self._last_stream_id)
         self._flush()
         self._shut_down(Failure(ConnectionAbandoned(code)))
 

@@ -598,3 +598,29 @@ def test_a_client_acknowledging_every_data_frame_is_served():
             ).serialize()
         )
     assert h.goaway() is None
+
+
+def test_goaway_names_the_last_stream_the_edge_took():
+    """A protocol error in a read loses the requests h2 had read before it;
+    the GOAWAY must not claim them, so the client may retry them."""
+    h = H2Harness()
+    first = h.request(b"GET", b"/_matrix/client/versions")
+    block = [
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":path", b"/_matrix/x"),
+        (b":authority", b"a"),
+    ]
+    for _ in range(99):  # up to the limit of 100 open streams, in one read
+        stream_id = h.client.get_next_available_stream_id()
+        h.client.send_headers(stream_id, block, end_stream=True)
+    extra = hyperframe.frame.HeadersFrame(
+        stream_id + 2, flags=["END_HEADERS", "END_STREAM"]
+    )
+    extra.data = h.client.encoder.encode(block)
+    h.send(extra.serialize())  # the 101st
+    h.receive()
+    goaway = h.goaway()
+    assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert goaway.last_stream_id == first
+    assert len(h.clock.tcpClients) == 1
