@@ -158,6 +158,9 @@ class EdgeRequest(Request):
         self.client_ip = ""
         self.request_id = ""
         self.body_complete = False
+        self.head_error: MatrixError | None = None
+        """Set before gotLength when the protocol refused the head itself
+        (HTTP/2's checks): answered like a refusal by routing."""
         self._local = True
         self._local_body = 0
         self._has_body = False
@@ -189,7 +192,7 @@ class EdgeRequest(Request):
         if not headers.hasHeader(b"host") and self.clientproto != b"HTTP/1.1":
             headers.setRawHeaders(b"Host", [site.default_host(self)])
 
-        decision = site.router.route(
+        decision = self.head_error or site.router.route(
             self.method, self.uri, self.path, headers, self.client_ip, length
         )
         if decision is LOCAL:
@@ -440,13 +443,7 @@ class EdgeSite(Site):
             self.config.timeouts.client_idle,
             self.config.timeouts.body_idle,
             self.header_deadlines,
-            self._fresh_request_id,
         )
-
-    def _fresh_request_id(self) -> list[tuple[bytes, bytes]]:
-        """The request ID header of an answer given without a request."""
-        request_id = request_id_for(None, trusted=False).encode()
-        return [(self.request_id_header.lower(), request_id)]
 
     def getResourceFor(self, request: Request) -> IResource:
         # Local resources are found by the raw path, as routing decided;

@@ -48,7 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from matrix_edge.http.errors import CORS_HEADERS, MatrixError
+from matrix_edge.http.errors import MatrixError
 from matrix_edge.server.h2_frames import FrameWatch
 from matrix_edge.server.h2_head import Header, RequestHead, parse_request_head
 from matrix_edge.server.sockets import set_no_delay
@@ -107,6 +107,13 @@ class StreamHandler(TypingProtocol):
 
     def head_received(self, head: RequestHead, ended: bool) -> None:
         """The whole request head, checked; ``ended`` when there is no body."""
+
+    def head_refused(
+        self, method: bytes, target: bytes, error: MatrixError, ended: bool
+    ) -> None:
+        """The head failed its checks (RFC 9113 section 8): answer ``error``
+        on the stream. ``method`` and ``target`` are as sent, for the log;
+        either may be empty."""
 
     def data_received(self, data: bytes) -> None: ...
 
@@ -311,7 +318,6 @@ class H2ServerProtocol(Protocol):
         idle_timeout: float,
         stall_timeout: float,
         header_deadline: HeaderDeadline | None = None,
-        extra_headers: Callable[[], list[Header]] = list,
     ):
         self._new_handler = new_handler
         self._clock = clock
@@ -319,7 +325,6 @@ class H2ServerProtocol(Protocol):
         self._idle_timeout = idle_timeout
         self._stall_timeout = stall_timeout
         self._deadline = header_deadline
-        self._extra_headers = extra_headers
         self._streams: dict[int, H2Stream] = {}
         self._blocked: dict[int, H2Stream] = {}
         """Streams with data held back by flow control, oldest first."""
@@ -608,12 +613,21 @@ class H2ServerProtocol(Protocol):
             self._stall_timer = self._clock.callLater(
                 self._stall_timeout / 2, self._sweep_stalled
             )
-        head = parse_request_head(event.headers or (), ended)
+        block = event.headers or ()
+        head = parse_request_head(block, ended)
+        handler = stream.handler = self._new_handler(stream)
         if isinstance(head, MatrixError):
-            self._refuse(stream, head)
+            pseudo = {name: value for name, value in block if name[:1] == b":"}
+            self._guarded(
+                stream,
+                handler.head_refused,
+                pseudo.get(b":method", b""),
+                pseudo.get(b":path", b""),
+                head,
+                ended,
+            )
             return
         stream.body_left = head.content_length
-        handler = stream.handler = self._new_handler(stream)
         self._guarded(stream, handler.head_received, head, ended)
 
     def _data(self, event: h2.events.DataReceived) -> None:
@@ -695,20 +709,6 @@ class H2ServerProtocol(Protocol):
                 self.flush_stream(stream)
 
     # Internals ----------------------------------------------------------------
-
-    def _refuse(self, stream: H2Stream, error: MatrixError) -> None:
-        """Answer a request that failed its checks, on its own stream."""
-        body = error.body()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", b"%d" % len(body)),
-            (b"cache-control", b"no-cache, no-store, must-revalidate"),
-            *((name.lower(), value) for name, value in CORS_HEADERS),
-            *self._extra_headers(),
-        ]
-        stream.send_head(error.code, headers)
-        stream.send_data(body)
-        stream.end()
 
     def _response_ended(self, stream: H2Stream) -> None:
         stream.response_ended = True

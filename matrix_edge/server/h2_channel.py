@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from matrix_edge.http.errors import MatrixError
 from matrix_edge.server.h2 import ErrorCodes, H2Stream
 from matrix_edge.server.h2_head import RequestHead
 
@@ -44,6 +45,18 @@ class H2RequestChannel:
         for name, value in head.headers:
             headers.addRawHeader(name, value)
         request.gotLength(head.content_length)
+        if ended:
+            request.requestReceived(self.method, self.target, HTTP2)
+
+    def head_refused(
+        self, method: bytes, target: bytes, error: MatrixError, ended: bool
+    ) -> None:
+        # The request object answers it, so that it is logged with its
+        # request ID like any other refusal.
+        self.method, self.target = method, target
+        request = self.request = self.site.requestFactory(self)
+        request.head_error = error
+        request.gotLength(0 if ended else None)
         if ended:
             request.requestReceived(self.method, self.target, HTTP2)
 

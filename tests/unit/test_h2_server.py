@@ -252,6 +252,7 @@ def test_connect_is_answered_on_its_stream_and_the_connection_goes_on():
         end_stream=False,
     )
     h.send()
+    h.clock.advance(0)
     h.receive()
     assert h.response(stream_id)[0] == 405
     assert h.goaway() is None
@@ -624,3 +625,27 @@ def test_goaway_names_the_last_stream_the_edge_took():
     assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
     assert goaway.last_stream_id == first
     assert len(h.clock.tcpClients) == 1
+
+
+def test_a_refused_head_is_logged_with_its_request_id():
+    entries: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if "access" in event:
+            entries.append(event["access"])
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        h = H2Harness()
+        stream_id = h.request(b"G(E)T", b"/_matrix/client/versions")
+        h.receive()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert h.response(stream_id)[0] == 400
+    [entry] = entries
+    assert (entry["method"], entry["status"], entry["protocol"]) == (
+        "G(E)T",
+        400,
+        "HTTP/2",
+    )
+    assert entry["request_id"]
