@@ -18,9 +18,9 @@ from matrix_edge.config.maintenance import MaintenanceConfig
 from matrix_edge.config.routes import MAIN
 from matrix_edge.http import errors
 from matrix_edge.http.errors import MatrixError
-from matrix_edge.http.target import check_target, path_has_prefix
+from matrix_edge.http.target import check_target
 from matrix_edge.http.upstream import Upstream
-from matrix_edge.pools.dispatch import Dispatcher, Placed, RequestFacts
+from matrix_edge.pools.dispatch import Dispatcher, Placed
 from matrix_edge.pools.pool import Lease
 
 # What each kind of listener forwards to Synapse, as in Synapse's
@@ -43,6 +43,14 @@ INTERNAL_PREFIXES = (
     b"/_synapse/metrics",
     b"/_synapse/worker",
 )
+
+# The prefixes above as path_has_prefix tests them: the path is one of
+# them, or starts with one and a slash.
+_INTERNAL_EXACT = frozenset(INTERNAL_PREFIXES)
+_INTERNAL_BELOW = tuple(prefix + b"/" for prefix in INTERNAL_PREFIXES)
+_ADMIN_BELOW = ADMIN_PREFIX + b"/"
+_SYNAPSE = b"/_synapse"
+_SYNAPSE_BELOW = _SYNAPSE + b"/"
 
 # Media uploads, which get the larger body limit.
 _MEDIA_UPLOAD = re.compile(
@@ -101,7 +109,10 @@ class Router:
         self._fallback = Lease(fallback, "fallback") if fallback else None
         self._dispatcher = dispatcher
         self._local_paths = local_paths
-        self._prefixes = FORWARDED_PREFIXES[listener.type]
+        prefixes = FORWARDED_PREFIXES[listener.type]
+        self._forwarded_exact = frozenset(prefixes)
+        self._forwarded_below = tuple(prefix + b"/" for prefix in prefixes)
+        self._scheme = listener.scheme
 
     def route(
         self,
@@ -126,15 +137,20 @@ class Router:
             )
         if path in self._local_paths:
             return LOCAL
-        if any(path_has_prefix(path, prefix) for prefix in INTERNAL_PREFIXES):
+        # path_has_prefix, for each prefix at once.
+        if path in _INTERNAL_EXACT or path.startswith(_INTERNAL_BELOW):
             return errors.not_found()
-        if path_has_prefix(path, ADMIN_PREFIX):
+        if path == ADMIN_PREFIX or path.startswith(_ADMIN_BELOW):
             if not self._listener.admin_allow:
                 return errors.not_found()
             if not admin_allowed(client_ip, self._listener):
                 return errors.forbidden("The admin API is not available from here")
-        elif not any(path_has_prefix(path, prefix) for prefix in self._prefixes):
-            if self._fallback is not None and not path_has_prefix(path, b"/_synapse"):
+        elif not (
+            path.startswith(self._forwarded_below) or path in self._forwarded_exact
+        ):
+            if self._fallback is not None and not (
+                path == _SYNAPSE or path.startswith(_SYNAPSE_BELOW)
+            ):
                 return self._forward(
                     self._fallback, self._config.max_request_size, length
                 )
@@ -167,17 +183,20 @@ class Router:
         assert self._dispatcher is not None
         dispatcher = self._dispatcher
         query = target[len(path) + 1 :]
-        facts = RequestFacts(
-            method, target, path, query, headers, client_ip, self._listener.scheme
+        scheme = self._scheme
+        placed = dispatcher.place_request(
+            method, target, path, query, headers, client_ip, scheme
         )
-        placed = dispatcher.place(facts)
-        if isinstance(placed, MatrixError):
+        if isinstance(placed, Lease):
+            if placed.upstream is dispatcher.main:
+                return self._forward(placed, limit, None)
+        elif isinstance(placed, MatrixError):
             return placed
-        if isinstance(placed, Lease) and placed.upstream is dispatcher.main:
-            return self._forward(placed, limit, None)
 
         def replace(exclude: Collection[Upstream]) -> Placed:
-            return dispatcher.place(facts, exclude)
+            return dispatcher.place_request(
+                method, target, path, query, headers, client_ip, scheme, exclude
+            )
 
         return Forward(placed, limit, replace)
 

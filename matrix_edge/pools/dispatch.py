@@ -18,7 +18,6 @@ from matrix_edge.config.workers import WorkersConfig
 from matrix_edge.http import errors
 from matrix_edge.http.errors import MatrixError
 from matrix_edge.http.upstream import Upstream
-from matrix_edge.pools import hashing
 from matrix_edge.pools.keys import access_token, room_key, xmatrix_origin
 from matrix_edge.pools.pool import Lease, Member, PoolFull, WorkerPool
 from matrix_edge.pools.table import RouteTable, effective_table, shipped_table
@@ -57,6 +56,27 @@ class Choice:
     fell_back: bool = False
 
 
+class _Plan:
+    """What placing a request on one route needs, worked out once: the
+    pools of its chain before main, each with the policy it balances by,
+    and whether main takes what none of them can."""
+
+    __slots__ = ("steps", "to_main")
+
+    def __init__(self, route: Route, pools: Mapping[str, WorkerPool]):
+        steps = []
+        for name in route.pools:
+            if name == MAIN:
+                break
+            pool = pools[name]
+            balance = pool.config.balance
+            policy = route.policy if balance is None or route.sticky else balance
+            steps.append((pool, policy))
+        self.steps: tuple[tuple[WorkerPool, Policy], ...] = tuple(steps)
+        # A chain that names main reaches it, whatever `fallback` says.
+        self.to_main = route.fallback or MAIN in route.pools
+
+
 class Dispatcher:
     """The routing table of a deployment and its pools."""
 
@@ -67,22 +87,59 @@ class Dispatcher:
         main: Upstream,
         whoami: WhoamiCache | None,
     ):
-        self.table = table
         self.pools = pools
+        self.table = table
         self.main = main
         self.whoami = whoami
         self._main_lease = Lease(main, MAIN)
 
+    @property
+    def table(self) -> RouteTable:
+        return self._table
+
+    @table.setter
+    def table(self, table: RouteTable) -> None:
+        self._table = table
+        self._plans = tuple(_Plan(route, self.pools) for route in table.routes)
+
     def place(self, facts: RequestFacts, exclude: Collection[Upstream] = ()) -> Placed:
         """A lease on the process for this request, one to come, or the
         error to answer with (no process available, pool full)."""
-        route = self.table.match(facts.method, facts.path, facts.query)
-        if route is None:
+        return self.place_request(
+            facts.method,
+            facts.target,
+            facts.path,
+            facts.query,
+            facts.headers,
+            facts.client_ip,
+            facts.scheme,
+            exclude,
+        )
+
+    def place_request(
+        self,
+        method: bytes,
+        target: bytes,
+        path: bytes,
+        query: bytes,
+        headers: Headers,
+        client_ip: str,
+        scheme: bytes = b"https",
+        exclude: Collection[Upstream] = (),
+    ) -> Placed:
+        """``place``, given the facts one by one: what the request path
+        calls, with nothing built for it."""
+        i = self._table.match_index(method, path, query)
+        if i is None:
             return self._main_lease
-        pool, policy, members = self._pool_for(route, exclude)
-        if pool is None:
-            # A chain that names main reaches it, whatever `fallback` says.
-            if route.fallback or MAIN in route.pools:
+        plan = self._plans[i]
+        for step in plan.steps:
+            members = step[0].available(exclude)
+            if members:
+                pool, policy = step
+                break
+        else:
+            if plan.to_main:
                 return self._main_lease
             return errors.unavailable(
                 "No server is available for this request at the moment", 5
@@ -90,31 +147,41 @@ class Dispatcher:
         if len(members) == 1 or policy is Policy.SINGLE:
             # No key can change the choice: no whoami lookup to wait for.
             return self._lease(pool, members[0])
-        key = self._key(policy, facts)
-        if isinstance(key, Deferred):
+        if policy is Policy.USER:
+            user = self._user_key(headers, query, client_ip, scheme, True)
+            if isinstance(user, Deferred):
 
-            def looked_up(key: bytes) -> Lease | Deferred[Lease]:
-                # The members may have changed while whoami answered.
-                now = pool.available(exclude) or members
-                return _raise_errors(self._lease(pool, _pick(pool, policy, key, now)))
+                def looked_up(key: bytes) -> Lease | Deferred[Lease]:
+                    # The members may have changed while whoami answered.
+                    now = pool.available(exclude) or members
+                    return _raise_errors(
+                        self._lease(pool, pool.chooser.choose(key, now))
+                    )
 
-            return key.addCallback(looked_up)
-        return self._lease(pool, _pick(pool, policy, key, members))
+                return user.addCallback(looked_up)
+            return self._lease(pool, pool.chooser.choose(user, members))
+        key = _key(policy, target, path, headers, client_ip)
+        if key is None:
+            return self._lease(pool, pool.next_round_robin(members))
+        return self._lease(pool, pool.chooser.choose(key, members))
 
     def explain(self, facts: RequestFacts, user: bytes | None = None) -> Choice:
         """Where ``facts`` would go now, without leasing anything; the user
         of a token is ``user``, as whoami would say."""
-        route = self.table.match(facts.method, facts.path, facts.query)
+        route = self._table.match(facts.method, facts.path, facts.query)
         if route is None:
             return Choice(None, MAIN, None, None, None)
         pool, policy, members = self._pool_for(route, ())
         if pool is None:
             fell_back = route.pools[0] != MAIN
             return Choice(route, MAIN, None, None, None, fell_back=fell_back)
-        if policy is Policy.USER and user:
-            key: bytes | Deferred[bytes] | None = user
+        key: bytes | Deferred[bytes] | None
+        if policy is Policy.USER:
+            key = user or self._user_key(
+                facts.headers, facts.query, facts.client_ip, facts.scheme, False
+            )
         else:
-            key = self._key(policy, facts, lookup=False)
+            key = _key(policy, facts.target, facts.path, facts.headers, facts.client_ip)
         assert not isinstance(key, Deferred)
         return Choice(route, pool.name, policy, key, _pick(pool, policy, key, members))
 
@@ -135,42 +202,32 @@ class Dispatcher:
                 return pool, balance, members
         return None, route.policy, []
 
-    def _key(
-        self, policy: Policy, facts: RequestFacts, lookup: bool = True
-    ) -> bytes | Deferred[bytes] | None:
-        """The balancing key; with ``lookup`` false, a token's digest
-        stands in for a user not already known."""
-        if policy is Policy.USER:
-            return self._user_key(facts, lookup)
-        if policy is Policy.ROOM:
-            return room_key(facts.path) or facts.target
-        if policy is Policy.ORIGIN:
-            return (
-                xmatrix_origin(facts.headers.getRawHeaders(b"authorization"))
-                or facts.client_ip.encode()
-            )
-        if policy is Policy.URI:
-            return facts.target
-        if policy is Policy.SOURCE_IP:
-            return facts.client_ip.encode()
-        return None
-
-    def _user_key(self, facts: RequestFacts, lookup: bool) -> bytes | Deferred[bytes]:
-        token = access_token(facts.headers, facts.query)
+    def _user_key(
+        self,
+        headers: Headers,
+        query: bytes,
+        client_ip: str,
+        scheme: bytes,
+        lookup: bool,
+    ) -> bytes | Deferred[bytes]:
+        """The user behind the request's token; with ``lookup`` false, the
+        token's digest stands in for a user not already known."""
+        token = access_token(headers, query)
         if token is None:
-            return facts.client_ip.encode()
+            return client_ip.encode()
         digest = token_digest(token)
         whoami = self.whoami
-        if not lookup or whoami is None or not may_look_up(token):
-            # A token that is not one (line breaks, spaces) is never sent
-            # anywhere: its digest is key enough.
+        if not lookup or whoami is None:
             return digest
+        # Only tokens that may be looked up are ever cached, so the cache
+        # is asked first: a token that is not one (line breaks, spaces) is
+        # never there, and never sent anywhere: its digest is key enough.
         known, user = whoami.cached(digest)
         if known:
             return user or digest
-        if self.main.known_down or whoami.busy:
+        if not may_look_up(token) or self.main.known_down or whoami.busy:
             return digest
-        d = whoami.lookup(token, digest, facts.client_ip.encode(), facts.scheme)
+        d = whoami.lookup(token, digest, client_ip.encode(), scheme)
         return d.addCallback(lambda user: user or digest)
 
     @staticmethod
@@ -187,6 +244,25 @@ def may_look_up(token: bytes) -> bool:
     return _LOOKUP_SAFE.match(token) is not None
 
 
+def _key(
+    policy: Policy, target: bytes, path: bytes, headers: Headers, client_ip: str
+) -> bytes | None:
+    """The balancing key of a policy other than ``user``: None for round
+    robin (and single)."""
+    if policy is Policy.ROOM:
+        return room_key(path) or target
+    if policy is Policy.ORIGIN:
+        return (
+            xmatrix_origin(headers.getRawHeaders(b"authorization"))
+            or client_ip.encode()
+        )
+    if policy is Policy.URI:
+        return target
+    if policy is Policy.SOURCE_IP:
+        return client_ip.encode()
+    return None
+
+
 def _pick(
     pool: WorkerPool, policy: Policy, key: bytes | None, members: list[Member]
 ) -> Member:
@@ -194,7 +270,7 @@ def _pick(
         return members[0]
     if key is None:
         return pool.next_round_robin(members)
-    return hashing.choose(key, [(m.name, m) for m in members])
+    return pool.chooser.choose(key, members)
 
 
 class Refused(Exception):

@@ -22,6 +22,7 @@ _X_MATRIX = re.compile(rb"\A\s*X-Matrix\s+", re.IGNORECASE)
 _ORIGIN = re.compile(
     rb'(?:\A|,)\s*origin\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))', re.IGNORECASE
 )
+_QUOTED_PAIR = re.compile(rb"\\(.)")
 
 
 def access_token(headers: Headers, query: bytes) -> bytes | None:
@@ -60,5 +61,7 @@ def xmatrix_origin(authorization: Sequence[bytes] | None) -> bytes | None:
         if m is not None:
             origin = m.group(1) if m.group(1) is not None else m.group(2)
             if origin:
-                return re.sub(rb"\\(.)", rb"\1", origin)
+                if b"\\" not in origin:
+                    return origin
+                return _QUOTED_PAIR.sub(rb"\1", origin)
     return None

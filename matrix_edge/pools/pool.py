@@ -11,6 +11,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from matrix_edge.config.workers import PoolConfig
 from matrix_edge.http.upstream import Upstream
+from matrix_edge.pools.hashing import Chooser
 
 
 class PoolFull(Exception):
@@ -121,13 +122,24 @@ class WorkerPool:
         self.name = name
         self.config = config
         self.members = [Member(self, upstream) for upstream in upstreams]
+        self.chooser = Chooser([(m.name, m) for m in self.members])
+        """Rendezvous hashing over the members, by their names."""
+
         self.queued = 0
         self._clock = clock
         self._next = 0
 
     def available(self, exclude: Collection[Upstream] = ()) -> list[Member]:
-        """The members not known to be down, nor excluded."""
-        return [m for m in self.members if m.available and m.upstream not in exclude]
+        """The members not known to be down, nor excluded, in order: when
+        that is all of them, ``members`` itself, which is not to be
+        changed."""
+        members = self.members
+        if exclude:
+            return [m for m in members if m.available and m.upstream not in exclude]
+        for member in members:
+            if member.upstream.known_down:
+                return [m for m in members if not m.upstream.known_down]
+        return members
 
     def next_round_robin(self, members: Sequence[Member]) -> Member:
         self._next = (self._next + 1) % (1 << 30)

@@ -18,7 +18,7 @@ import yaml
 
 from matrix_edge.config._base import read_mapping, read_sequence, read_str
 from matrix_edge.config.routes import MAIN, Route, parse_route
-from matrix_edge.http.target import parse_query
+from matrix_edge.http.target import decode_query_component
 
 SHIPPED_TABLE = "synapse_routes.yaml"
 
@@ -29,6 +29,22 @@ class RouteTable:
     synapse_release: str
     _any: re.Pattern[bytes] = attrs.field(init=False, repr=False)
     _each: tuple[re.Pattern[bytes], ...] = attrs.field(init=False, repr=False)
+    _takes_all: tuple[bool, ...] = attrs.field(init=False, repr=False, eq=False)
+    _query_names: frozenset[bytes] = attrs.field(init=False, repr=False, eq=False)
+    _conditions: tuple[tuple[_Condition, ...], ...] = attrs.field(
+        init=False, repr=False, eq=False
+    )
+    _after: dict[int, re.Pattern[bytes]] = attrs.field(init=False, repr=False, eq=False)
+    _memo: dict[int, dict[bytes, int | None]] = attrs.field(
+        init=False, repr=False, eq=False
+    )
+
+    MEMO_SIZE = 1024
+    """Paths whose match is remembered, per expression; the memo is
+    emptied when it holds more."""
+
+    MAX_MEMO_PATH = 256
+    """Longer paths are matched, never remembered."""
 
     def __attrs_post_init__(self) -> None:
         # Every route in one regular expression, a named group per route in
@@ -41,35 +57,156 @@ class RouteTable:
             re.compile(b"|".join(_searching(p) for p in route.patterns))
             for route in self.routes
         )
-        joined = b"|".join(b"(?P<r%d>%s)" % (i, p.pattern) for i, p in enumerate(each))
         object.__setattr__(self, "_each", each)
-        object.__setattr__(self, "_any", re.compile(joined or b"(?!)"))
+        object.__setattr__(self, "_any", _joined(each, 0))
+        # Routes that take every request their patterns match.
+        plain = tuple(
+            route.methods is None and not route.query for route in self.routes
+        )
+        object.__setattr__(self, "_takes_all", plain)
+        names = frozenset(name for route in self.routes for name, _ in route.query)
+        object.__setattr__(self, "_query_names", names)
+        conditions = tuple(
+            tuple(_Condition(name, expected) for name, expected in route.query)
+            for route in self.routes
+        )
+        object.__setattr__(self, "_conditions", conditions)
+        # For a route that may refuse its path match (for the method or the
+        # query), the routes after it joined the same way: one more match()
+        # finds the next candidate. _after[-1] is the whole table.
+        after = {-1: self._any}
+        for i, takes_all in enumerate(plain):
+            if not takes_all:
+                after[i] = _joined(each, i + 1)
+        object.__setattr__(self, "_after", after)
+        # The outcome of each expression for recent paths: the same paths
+        # come again and again (/sync, /versions, a room's /messages), and
+        # one that matches no route, or a route late in the table, costs
+        # the expression a try of each of the table's patterns.
+        object.__setattr__(self, "_memo", {i: {} for i in after})
 
     def match(self, method: bytes, path: bytes, query: bytes) -> Route | None:
         """The first route for this request, or None for main.
 
         ``path`` and ``query`` are the raw parts of the request target.
         """
-        found = self._any.match(path)
-        if found is None or found.lastgroup is None:
-            return None
-        first = int(found.lastgroup[1:])
+        i = self.match_index(method, path, query)
+        return None if i is None else self.routes[i]
+
+    def match_index(self, method: bytes, path: bytes, query: bytes) -> int | None:
+        """The index in ``routes`` of ``match``'s route, or None."""
+        i = self._next(-1, path)
         params: dict[bytes, bytes] | None = None
-        for i in range(first, len(self.routes)):
+        bounded: bytes | None = None
+        while i is not None:
+            if self._takes_all[i]:
+                return i
             route = self.routes[i]
             # The first path match may be refused for its method or query;
-            # the routes after it are then tried one by one.
-            if i > first and self._each[i].match(path) is None:
-                continue
-            if route.methods is not None and method not in route.methods:
-                continue
-            if route.query:
-                if params is None:
-                    params = parse_query(query)
-                if not all(_holds(params.get(k), v) for k, v in route.query):
-                    continue
-            return route
+            # the next route whose path matches is then tried.
+            if route.methods is None or method in route.methods:
+                if not route.query:
+                    return i
+                if bounded is None:
+                    bounded = b"&" + query + b"&"
+                    if b"%" in query or b"+" in query:
+                        params = _query_values(query, self._query_names)
+                for condition in self._conditions[i]:
+                    if params is None:
+                        # No escapes: the parameter is found as it is.
+                        value = condition.value_in(bounded)
+                    else:
+                        value = params.get(condition.name)
+                    if not _holds(value, condition.expected):
+                        break
+                else:
+                    return i
+            i = self._next(i, path)
         return None
+
+    def _next(self, after: int, path: bytes) -> int | None:
+        """The first route after the one at ``after`` whose patterns match
+        ``path``."""
+        memo = self._memo[after]
+        i = memo.get(path, _UNKNOWN)
+        if i is not _UNKNOWN:
+            return i  # type: ignore[return-value]
+        found = self._after[after].match(path)
+        group = None if found is None else found.lastgroup
+        i = None if group is None else int(group[1:])
+        if len(path) <= self.MAX_MEMO_PATH:
+            if len(memo) >= self.MEMO_SIZE:
+                memo.clear()
+            memo[path] = i
+        return i
+
+
+_UNKNOWN = object()
+
+# What a parameter name must not hold to be found as it is in a query with
+# no escapes: the separators, and what only an escape can give.
+_NOT_PLAIN = re.compile(rb"[&=+%\s]")
+
+
+class _Condition:
+    """One parameter a route's ``query`` asks for, ready to be looked for
+    in a query with no ``%`` or ``+``."""
+
+    __slots__ = ("bare", "expected", "name", "with_value")
+
+    def __init__(self, name: bytes, expected: bytes | None):
+        self.name = name
+        self.expected = expected
+        # None: a name that such a query cannot hold.
+        plain = not _NOT_PLAIN.search(name)
+        self.with_value = b"&" + name + b"=" if plain else None
+        self.bare = b"&" + name + b"&"
+
+    def value_in(self, bounded: bytes) -> bytes | None:
+        """``parse_query(query).get(name)``, for a query with no ``%`` or
+        ``+``, given as ``b"&" + query + b"&"``."""
+        with_value = self.with_value
+        if with_value is None:
+            return None
+        at = bounded.find(with_value)
+        bare = bounded.find(self.bare)
+        if at < 0:
+            return None if bare < 0 else b""
+        if 0 <= bare < at:
+            return b""
+        start = at + len(with_value)
+        return bounded[start : bounded.index(b"&", start)]
+
+
+def _query_values(query: bytes, names: frozenset[bytes]) -> dict[bytes, bytes]:
+    """``parse_query(query)``, for the parameters in ``names`` only."""
+    if not names:
+        return {}
+    if b"%" not in query and b"+" not in query:
+        # Only an escape could spell a name that is not there as it is.
+        for name in names:
+            if name in query:
+                break
+        else:
+            return {}
+    values: dict[bytes, bytes] = {}
+    for part in query.split(b"&"):
+        if not part:
+            continue
+        raw, _, value = part.partition(b"=")
+        name = decode_query_component(raw)
+        if name in names and name not in values:
+            values[name] = decode_query_component(value)
+    return values
+
+
+def _joined(each: Sequence[re.Pattern[bytes]], start: int) -> re.Pattern[bytes]:
+    """The patterns of ``each`` from ``start`` on as one expression, a group
+    ``r<index>`` per route."""
+    joined = b"|".join(
+        b"(?P<r%d>%s)" % (i, each[i].pattern) for i in range(start, len(each))
+    )
+    return re.compile(joined or b"(?!)")
 
 
 def _searching(pattern: re.Pattern[bytes]) -> bytes:
