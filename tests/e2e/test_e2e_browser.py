@@ -36,8 +36,8 @@ from urllib.parse import urlencode
 import attrs
 import pytest
 
+from tests.chromium import chromium_argv, trusting_home
 from tests.e2e import environment
-from tests.e2e.homeserver import Homeserver
 from tests.e2e.processes import NotReady, ProcessGroup, wait_for
 from tests.e2e.topology import PASSWORD, Cluster
 
@@ -114,64 +114,6 @@ def build_site(node_modules: Path, site: Path) -> Path:
     if result.returncode != 0:
         pytest.fail(f"esbuild could not bundle page.js:\n{result.stderr}")
     return site
-
-
-def trusting_home(home: Path, certutil: Path, ca_cert: Path) -> Path:
-    """A HOME whose NSS database (where Chromium on Linux looks for locally
-    added roots) trusts the suite's CA for TLS servers."""
-    nssdb = home / ".pki" / "nssdb"
-    nssdb.mkdir(parents=True)
-    for argv in (
-        [str(certutil), "-N", "-d", f"sql:{nssdb}", "--empty-password"],
-        [
-            str(certutil),
-            "-A",
-            "-d",
-            f"sql:{nssdb}",
-            "-n",
-            "matrix-edge e2e CA",
-            "-t",
-            "C,,",
-            "-i",
-            str(ca_cert),
-        ],
-    ):
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        if result.returncode != 0:
-            pytest.fail(f"{' '.join(argv)} failed:\n{result.stdout}{result.stderr}")
-    return home
-
-
-def chromium_argv(
-    chromium: Path, profile: Path, netlog: Path, server: Homeserver, url: str
-) -> list[str]:
-    """Headless Chromium for one page, with nothing from outside: no proxy,
-    no background services, and no name but the homeserver's resolving."""
-    return [
-        str(chromium),
-        "--headless=new",
-        # The suite runs as root, where Chromium's sandbox cannot start.
-        "--no-sandbox",
-        f"--user-data-dir={profile}",
-        "--no-proxy-server",
-        f"--host-resolver-rules=MAP {server.server_name} {server.ip}, "
-        "MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-        "--no-first-run",
-        "--no-default-browser-check",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-default-apps",
-        "--disable-domain-reliability",
-        "--disable-sync",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--metrics-recording-only",
-        # Console messages of the page into the browser's log.
-        "--enable-logging=stderr",
-        "--v=0",
-        f"--log-net-log={netlog}",
-        url,
-    ]
 
 
 def read_result(path: Path) -> dict[str, Any] | None:
@@ -291,8 +233,10 @@ def test_browser_client_over_http2(
                 browser.chromium,
                 tmp_path / "profile",
                 tmp_path / "netlog.json",
-                hs1,
                 f"http://127.0.0.1:{port}/index.html#{fragment}",
+                {hs1.server_name: hs1.ip},
+                # Console messages of the page into the browser's log.
+                extra=["--enable-logging=stderr", "--v=0"],
             ),
             env={"HOME": str(home)},
         )

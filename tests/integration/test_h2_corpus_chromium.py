@@ -50,6 +50,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
+from tests.chromium import chromium_argv, trusting_home
 from tests.e2e import environment
 from tests.rawhttp import connect, read_response
 from tests.recording_upstream import Recorded, UpstreamProtocol
@@ -245,48 +246,6 @@ class PageServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(10)
-
-
-def trusting_home(home: Path, certutil: Path, ca_cert: Path) -> Path:
-    """A HOME whose NSS database trusts the test CA for TLS servers."""
-    nssdb = home / ".pki" / "nssdb"
-    nssdb.mkdir(parents=True)
-    database = ["-d", f"sql:{nssdb}"]
-    for argv in (
-        [str(certutil), "-N", *database, "--empty-password"],
-        [str(certutil), "-A", *database, "-n", "CA", "-t", "C,,", "-i", str(ca_cert)],
-    ):
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        assert done.returncode == 0, f"{argv}: {done.stdout}{done.stderr}"
-    return home
-
-
-def chromium_argv(chromium: Path, profile: Path, netlog: Path, url: str) -> list[str]:
-    """Headless Chromium on one page; only loopback resolves. The NetLog
-    keeps credentials and the bytes sent, to read the header lists and the
-    HPACK blocks they were encoded in."""
-    return [
-        str(chromium),
-        "--headless=new",
-        "--no-sandbox",
-        f"--user-data-dir={profile}",
-        "--no-proxy-server",
-        "--host-resolver-rules=MAP localhost 127.0.0.1, MAP * ~NOTFOUND, "
-        "EXCLUDE 127.0.0.1",
-        "--no-first-run",
-        "--no-default-browser-check",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-default-apps",
-        "--disable-domain-reliability",
-        "--disable-sync",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--metrics-recording-only",
-        f"--log-net-log={netlog}",
-        "--net-log-capture-mode=Everything",
-        url,
-    ]
 
 
 @attrs.define
@@ -541,6 +500,10 @@ async def test_chromium_h2_requests_reach_upstream_as_their_http11_twins(
             tmp_path / "profile",
             netlog_path,
             f"http://127.0.0.1:{page.port}/index.html",
+            {"localhost": "127.0.0.1"},
+            # The NetLog keeps credentials and the bytes sent, to read the
+            # header lists Chromium really wrote.
+            extra=["--net-log-capture-mode=Everything"],
         )
         await deferToThread(run_chromium, argv, home, tmp_path / "chromium.log", page)
     finally:
