@@ -91,10 +91,13 @@ class H2Settings:
     max_frame_size: int = 16 * 1024
 
     abuse_budget: float = 1000.0
-    """Frames that cost the edge work without being requests (PING,
-    SETTINGS, PRIORITY, a client's reset of a stream in progress) draw on
-    this budget, refilled at ``abuse_refill`` per second; a connection that
-    exhausts it gets GOAWAY ENHANCE_YOUR_CALM."""
+    """Frames that cost the edge work without being requests draw on this
+    budget, refilled at ``abuse_refill`` per second: every control frame a
+    little (h2_frames), and a token each for PING, SETTINGS, PRIORITY,
+    extension frames, empty DATA, resets and window updates that do nothing,
+    tiny window updates to held-back streams, and ``reset_cost`` for a
+    client's reset of a stream in progress. A connection that exhausts it
+    gets GOAWAY ENHANCE_YOUR_CALM."""
 
     abuse_refill: float = 200.0
     reset_cost: float = 10.0
