@@ -19,7 +19,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from matrix_edge.config._base import ConfigError
@@ -32,6 +31,7 @@ from matrix_edge.http.site import EdgeSite
 from matrix_edge.http.upstream import Upstream
 from matrix_edge.pools.dispatch import make_dispatcher
 from matrix_edge.tls import ServerTLS, SighupService, TLSConfigError
+from matrix_edge.tls_listener import HTTPSOnlyFactory
 from matrix_edge.upstream_watch import UpstreamWatch
 from matrix_edge.workers import InheritedSocket, WorkerSupervisor
 
@@ -315,7 +315,7 @@ def make_service(
         )
         factory: IProtocolFactory = site
         if i in tls:
-            factory = TLSMemoryBIOFactory(tls[i], False, factory)
+            factory = HTTPSOnlyFactory(tls[i], site, reactor, site.server_header)
         adopted = None
         if inherited is not None:
             adopted = {s.address: s.fd for s in inherited if s.listener == i}
@@ -363,6 +363,12 @@ def make_service(
     return top
 
 
+def log_warnings(config_path: str, config: EdgeConfig) -> None:
+    """Log each doubtful value of ``config``, read from ``config_path``."""
+    for warning in config.warnings:
+        log.warn("{path}: {warning}", path=config_path, warning=str(warning))
+
+
 def reload_settings(config_path: str, running: EdgeConfig, live: LiveSettings) -> bool:
     """Re-read the configuration on SIGHUP and apply what can change while
     running (maintenance mode). Other changes wait for a restart, and the
@@ -372,6 +378,8 @@ def reload_settings(config_path: str, running: EdgeConfig, live: LiveSettings) -
     except ConfigError as e:
         log.error("Not reloading {path}: {error}", path=config_path, error=str(e))
         return False
+    if fresh != running:
+        log_warnings(config_path, fresh)
     if fresh.maintenance != live.maintenance:
         live.maintenance = fresh.maintenance
         log.info(

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from matrix_edge.config._base import ConfigError
+from matrix_edge.config._base import ConfigError, ConfigWarning
 from matrix_edge.config.edge import EdgeConfig, default_config_text, load_config
 
 DEFAULT_CONFIG_PATH = "/etc/matrix-edge/matrix-edge.yaml"
@@ -23,13 +23,20 @@ def config_error_message(filename: str, error: ConfigError) -> str:
     return f"matrix-edge: configuration error in {filename}: {error}"
 
 
+def config_warning_message(filename: str, warning: ConfigWarning) -> str:
+    return f"matrix-edge: warning in {filename}: {warning}"
+
+
 class RouteOptions(usage.Options):
     synopsis = "[--user @alice:example.org | --token T | --origin NAME] METHOD URL"
     longdesc = (
         "Print the route, pool, policy and worker a request would go to, "
         "with every worker up. URL is the request target as a client sends "
-        "it, e.g. '/_matrix/client/v3/sync?since=s1'. --token asks main's "
-        "/account/whoami for the user, as the edge would."
+        "it, e.g. '/_matrix/client/v3/sync?since=s1', or a full URL, e.g. "
+        "'https://matrix.example.org/_matrix/client/v3/sync?since=s1', whose "
+        "scheme and host are dropped and whose path and query are kept as "
+        "written. --token asks main's /account/whoami for the user, as the "
+        "edge would."
     )
     optParameters = [
         ["user", None, None, "The user behind the access token."],
@@ -133,6 +140,8 @@ class Options(usage.Options):
         except ConfigError as e:
             raise SystemExit(config_error_message(self["config"], e)) from None
         if self["check-config"]:
+            for warning in self.edge_config.warnings:
+                print(config_warning_message(self["config"], warning), file=sys.stderr)
             print(f"{self['config']}: configuration OK")
             raise SystemExit(0)
         if self.subCommand in ("route", "routes"):
@@ -208,8 +217,10 @@ def _run(reactor: Any, start: Any) -> Any:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from matrix_edge.service import ListenError, make_service
+    from matrix_edge.service import ListenError, log_warnings, make_service
 
+    # Logged before logging begins: twistd replays them into its log.
+    log_warnings(options["config"], options.edge_config)
     # twistd calls this before it daemonises, so what fails here (a
     # certificate, a port) ends twistd itself, with the reason on stderr. Once
     # daemonised, a failure reaches the waiting parent only as an exception

@@ -4,7 +4,9 @@ readers for the value syntaxes Synapse admins already know."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, NoReturn, TypeVar
 
 KeyPath = tuple[str | int, ...]
@@ -42,6 +44,51 @@ def format_path(path: Iterable[str | int]) -> str:
 
 def fail(path: KeyPath, msg: str) -> NoReturn:
     raise ConfigError(path, msg)
+
+
+class ConfigWarning:
+    """A value that is valid but probably not what was meant, located like a
+    L{ConfigError}: ``str()`` gives ``timeouts.upstream_response: ...``.
+    The configuration loads; start-up logs it and ``--check-config`` prints
+    it."""
+
+    def __init__(self, path: Iterable[str | int], msg: str):
+        self.path: KeyPath = tuple(path)
+        self.msg = msg
+
+    def __str__(self) -> str:
+        where = format_path(self.path)
+        return f"{where}: {self.msg}" if where else self.msg
+
+    def __repr__(self) -> str:
+        return f"<ConfigWarning {self}>"
+
+
+# The warnings of the configuration being parsed, if one is: the parsers of
+# each section report through L{warn}, without every one of them passing a
+# list along.
+_warnings: ContextVar[list[ConfigWarning] | None] = ContextVar(
+    "matrix_edge_config_warnings", default=None
+)
+
+
+@contextmanager
+def collecting_warnings() -> Iterator[list[ConfigWarning]]:
+    """Collect what L{warn} reports while the block runs."""
+    collected: list[ConfigWarning] = []
+    token = _warnings.set(collected)
+    try:
+        yield collected
+    finally:
+        _warnings.reset(token)
+
+
+def warn(path: KeyPath, msg: str) -> None:
+    """Report a doubtful value to the surrounding L{collecting_warnings};
+    outside one, nothing happens."""
+    collected = _warnings.get()
+    if collected is not None:
+        collected.append(ConfigWarning(path, msg))
 
 
 def read_mapping(
@@ -134,11 +181,21 @@ def parse_duration(value: object, path: KeyPath) -> float:
     """Parse a duration into seconds.
 
     Strings carry a unit (``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``); a bare
-    integer is milliseconds, as in Synapse's configuration.
+    integer is milliseconds, as in Synapse's configuration. A bare integer
+    under 1000 is reported with L{warn}: ``upstream_response: 180`` is far
+    more likely meant as three minutes than as 0.18 s, and would otherwise
+    only show as 504s. Writing the unit (``180ms``) says it is meant.
     """
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             fail(path, "a duration cannot be negative")
+        if 0 < value < 1000:
+            warn(
+                path,
+                f"{value} is {value} ms (a bare number is milliseconds, as in "
+                f"Synapse); write {value}s for seconds, or {value}ms if "
+                f"milliseconds are meant",
+            )
         return value / 1000.0
     if isinstance(value, str):
         m = _DURATION.match(value)

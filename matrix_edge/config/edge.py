@@ -11,7 +11,9 @@ import yaml
 
 from matrix_edge.config._base import (
     ConfigError,
+    ConfigWarning,
     KeyPath,
+    collecting_warnings,
     parse_size,
     read_int,
     read_mapping,
@@ -22,6 +24,10 @@ from matrix_edge.config.listeners import ListenerConfig, parse_listeners
 from matrix_edge.config.log_level import LogLevelSetting, parse_log_level
 from matrix_edge.config.maintenance import MaintenanceConfig, parse_maintenance
 from matrix_edge.config.proxies import IPNetwork, parse_networks
+from matrix_edge.config.server_header import (
+    DEFAULT_SERVER_HEADER,
+    parse_server_header,
+)
 from matrix_edge.config.timeouts import TimeoutsConfig, parse_timeouts
 from matrix_edge.config.upstream import (
     UpstreamAddress,
@@ -50,6 +56,10 @@ class EdgeConfig:
     """The body limit for every other request."""
 
     request_id_header: str = "X-Request-ID"
+    server_header: str | None = DEFAULT_SERVER_HEADER
+    """The ``Server`` header of the edge's own answers; None for none.
+    Responses from Synapse keep Synapse's."""
+
     processes: int = 1
     """Processes serving the listeners; more than one to use more cores."""
 
@@ -63,6 +73,10 @@ class EdgeConfig:
     well_known: WellKnownConfig = attrs.field(factory=WellKnownConfig)
     maintenance: MaintenanceConfig = attrs.field(factory=MaintenanceConfig)
     workers: WorkersConfig = attrs.field(factory=WorkersConfig)
+    warnings: tuple[ConfigWarning, ...] = attrs.field(default=(), eq=False, repr=False)
+    """Values that are valid but doubtful, for start-up and
+    ``--check-config`` to show. Not part of the configuration itself: two
+    configurations that differ only in these are the same."""
 
 
 _TOP_KEYS = (
@@ -73,6 +87,7 @@ _TOP_KEYS = (
     "max_upload_size",
     "max_request_size",
     "request_id_header",
+    "server_header",
     "processes",
     "trusted_proxies",
     "timeouts",
@@ -85,7 +100,14 @@ _TOP_KEYS = (
 
 
 def parse_config(value: object, path: KeyPath = ()) -> EdgeConfig:
-    """Validate a parsed YAML document into an L{EdgeConfig}."""
+    """Validate a parsed YAML document into an L{EdgeConfig}, with the
+    warnings of its sections in C{warnings}."""
+    with collecting_warnings() as warnings:
+        config = _parse_config(value, path)
+    return attrs.evolve(config, warnings=tuple(warnings))
+
+
+def _parse_config(value: object, path: KeyPath) -> EdgeConfig:
     data = read_mapping(value, path, _TOP_KEYS)
     for required in ("listeners", "upstream"):
         if required not in data:
@@ -111,6 +133,10 @@ def parse_config(value: object, path: KeyPath = ()) -> EdgeConfig:
         request_id_header=_parse_header_name(
             data.get("request_id_header", "X-Request-ID"),
             (*path, "request_id_header"),
+        ),
+        server_header=parse_server_header(
+            data.get("server_header", DEFAULT_SERVER_HEADER),
+            (*path, "server_header"),
         ),
         processes=read_int(
             data.get("processes", 1), (*path, "processes"), minimum=1, maximum=256

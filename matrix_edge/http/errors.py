@@ -97,6 +97,23 @@ def refuse_method(request: Request, allowed: bytes) -> bytes:
     return b""
 
 
+def closing_response(error: MatrixError, server: bytes | None) -> bytes:
+    """The whole HTTP/1.1 response for ``error``, ending the connection:
+    for answers written before there is a request object to answer with
+    (a malformed head, plain HTTP on a TLS port)."""
+    body = error.body()
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (error.code, reason_phrase(error.code)),
+            b"Server: %s\r\n" % server if server is not None else b"",
+            b"Content-Type: application/json\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"Connection: close\r\n\r\n",
+            body,
+        ]
+    )
+
+
 def write_error(request: Request, error: MatrixError) -> None:
     """Set status, headers and body of ``request`` to ``error``.
 

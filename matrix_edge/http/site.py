@@ -21,7 +21,7 @@ from matrix_edge.http import errors
 from matrix_edge.http.accesslog import AccessLog, redact_target
 from matrix_edge.http.accesslog_file import AccessLogFile
 from matrix_edge.http.deadlines import HeaderDeadlines, SlowHeaders
-from matrix_edge.http.errors import MatrixError, reason_phrase, write_error
+from matrix_edge.http.errors import MatrixError, closing_response, write_error
 from matrix_edge.http.forward import Forwarding
 from matrix_edge.http.headers import client_address, is_trusted
 from matrix_edge.http.request_id import request_id_for
@@ -132,12 +132,7 @@ class EdgeHTTPChannel(HTTPChannel):
         self._reject(MatrixError(431, "M_UNKNOWN", "Request line or header too long"))
 
     def _reject(self, error: MatrixError) -> None:
-        body = error.body()
-        transport_of(self).write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (error.code, reason_phrase(error.code), len(body), body)
-        )
+        transport_of(self).write(closing_response(error, self.site.server_header))
         self.loseConnection()
 
 
@@ -245,6 +240,12 @@ class EdgeRequest(Request):
         if not self.finished and self.site is not None:
             self.site.access_log.log(self)
 
+    def render(self, resrc: IResource) -> None:
+        # A local resource answers: Twisted's process() has just put its own
+        # name in the Server header.
+        self._name_the_server()
+        super().render(resrc)
+
     # Used by the forwarding ----------------------------------------------
 
     @property
@@ -349,9 +350,19 @@ class EdgeRequest(Request):
 
     def _write_answer(self) -> None:
         assert self._answer is not None
+        self._name_the_server()
         write_error(self, self._answer)
         self._response_done = True
         self._maybe_finish()
+
+    def _name_the_server(self) -> None:
+        """Give the edge's own answer the configured Server header, or none.
+        Forwarded responses carry Synapse's and never come here."""
+        server = self.site.server_header
+        if server is None:
+            self.responseHeaders.removeHeader(b"server")
+        else:
+            self.responseHeaders.setRawHeaders(b"Server", [server])
 
     def _maybe_finish(self) -> None:
         if self.finished or self.is_disconnected or not self._response_done:
@@ -402,6 +413,10 @@ class EdgeSite(Site):
         self.listener = listener
         self.config = config
         self.request_id_header = config.request_id_header.encode("ascii")
+        self.server_header: bytes | None = None
+        """The Server header of the edge's own answers."""
+        if config.server_header is not None:
+            self.server_header = config.server_header.encode("ascii")
         self.upstream = upstream
         self.clock = clock
         self.live = live or LiveSettings(config.maintenance)

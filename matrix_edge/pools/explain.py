@@ -3,6 +3,7 @@ printed for an operator checking a deployment before it takes traffic."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +43,23 @@ def dispatcher_for(config: EdgeConfig, reactor: Any) -> Dispatcher:
     )
 
 
+# The scheme and authority of a full http or https URL.
+_SCHEME_AND_HOST = re.compile(r"\A[Hh][Tt][Tt][Pp][Ss]?://[^/?#]*")
+
+
+def request_target(url: str) -> str:
+    """The request target a client sends for ``url``: a full http(s) URL
+    loses its scheme, host and any ``#fragment`` (which never reach a
+    server) and keeps its path and query exactly as written; anything else
+    is taken as the target itself."""
+    found = _SCHEME_AND_HOST.match(url)
+    if found is None:
+        return url
+    target = url[found.end() :].partition("#")[0]
+    # ``https://host`` and ``https://host?q`` ask for the root, as curl does.
+    return target if target.startswith("/") else "/" + target
+
+
 def explain_route(
     dispatcher: Dispatcher,
     method: str,
@@ -53,7 +71,9 @@ def explain_route(
     client_ip: str = "192.0.2.1",
 ) -> str:
     """Where ``method target`` goes with every worker up; ``user`` stands
-    for what whoami would say of the token."""
+    for what whoami would say of the token. ``target`` may be a full URL
+    (see L{request_target})."""
+    target = request_target(target)
     raw_method = method.upper().encode("ascii")
     raw_target = target.encode("utf-8")
     problem = check_target(raw_method, raw_target)

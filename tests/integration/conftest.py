@@ -13,12 +13,12 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.protocols.haproxy import proxyEndpoint
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from matrix_edge.config.edge import EdgeConfig, parse_config
 from matrix_edge.http.site import EdgeSite
 from matrix_edge.http.upstream import Upstream
 from matrix_edge.tls import ServerTLS
+from matrix_edge.tls_listener import HTTPSOnlyFactory
 from tests.pki import make_pki
 from tests.recording_upstream import RecordingUpstreamFactory
 
@@ -82,7 +82,7 @@ def make_stack(tmp_path: Path) -> Iterator[Any]:
                 listener.tls.private_key_path,
                 alpn_protocols=listener.alpn_protocols,
             )
-            edge_factory = TLSMemoryBIOFactory(context, False, site)
+            edge_factory = HTTPSOnlyFactory(context, site, reactor, site.server_header)
         endpoint: Any = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
         if listener.proxy_protocol:
             endpoint = proxyEndpoint(endpoint)

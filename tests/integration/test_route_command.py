@@ -15,7 +15,7 @@ from matrix_edge.config.routes import Policy, Route
 from matrix_edge.http.target import parse_query
 from matrix_edge.pools import hashing
 from matrix_edge.pools.dispatch import Dispatcher
-from matrix_edge.pools.explain import explain_route
+from matrix_edge.pools.explain import explain_route, request_target
 from matrix_edge.pools.keys import room_key
 from matrix_edge.pools.table import shipped_table
 from tests import processes
@@ -158,6 +158,43 @@ def test_unmatched_and_refused_requests(dispatcher):
     assert "worker:" not in report
 
 
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [
+        (
+            "https://matrix.example.org/_matrix/client/v3/sync?since=s1&timeout=30000",
+            "/_matrix/client/v3/sync?since=s1&timeout=30000",
+        ),
+        (
+            "HTTP://[2001:db8::1]:8448/_matrix/federation/v1/send/t%2F1?",
+            "/_matrix/federation/v1/send/t%2F1?",
+        ),
+        ("https://user@hs:443/a//b/%2e?x=%20+y#frag", "/a//b/%2e?x=%20+y"),
+        ("https://hs.example", "/"),
+        ("https://hs.example?x=1", "/?x=1"),
+        ("/_matrix/client/versions", "/_matrix/client/versions"),
+        ("ftp://hs/_matrix", "ftp://hs/_matrix"),
+    ],
+)
+def test_request_target_of_a_url(url, target):
+    assert request_target(url) == target
+
+
+def test_a_full_url_routes_as_its_path(dispatcher):
+    room = "!OGEhHVWSdvArJzumhm%3Aexample.org"
+    path = f"/_matrix/client/v3/rooms/{room}/messages?dir=b&from=t%2B1"
+    by_path = explain_route(dispatcher, "GET", path, user=USER)
+    by_url = explain_route(
+        dispatcher, "GET", f"https://matrix.example.org:8443{path}", user=USER
+    )
+    assert by_url == by_path
+    assert by_url.splitlines()[0] == f"GET {path}"
+    assert field(by_url, "route") == "room-messages"
+    # A URL whose path would be refused is refused as the path would be.
+    report = explain_route(dispatcher, "GET", "https://hs/_matrix/client/../x")
+    assert "refused before routing: The request path contains a dot segment" in report
+
+
 # Real processes
 
 
@@ -227,6 +264,10 @@ def test_route_commands(tmp_path, every_pool_config, dispatcher):
         "room": ["GET", f"/_matrix/client/v3/rooms/{room}/messages?dir=b"],
         "media": ["GET", "/_matrix/media/v3/download/hs/abc"],
         "main": ["POST", "/_matrix/client/v3/logout"],
+        "url": [
+            "GET",
+            f"https://matrix.example.org/_matrix/client/v3/rooms/{room}/messages?dir=b",
+        ],
         "token": ["--token", TOKEN, "GET", "/_matrix/client/v3/sync?since=x"],
         "unknown-token": [
             "--token",
@@ -285,6 +326,9 @@ def test_route_commands(tmp_path, every_pool_config, dispatcher):
     assert (field(stdout, "route"), field(stdout, "policy")) == ("media", "round_robin")
     assert "  key:" not in stdout
     assert field(stdout, "worker") in document["workers"]["pools"]["media_repository"]
+    # A full URL: the same answer as its path.
+    stdout = out["url"][0]
+    assert stdout == out["room"][0]
     stdout = out["main"][0]
     assert field(stdout, "route") == "none matches: main"
     assert field(stdout, "worker") == document["upstream"]
@@ -302,6 +346,14 @@ def test_route_commands(tmp_path, every_pool_config, dispatcher):
     for stdout, stderr in out.values():
         assert TOKEN not in stdout + stderr
         assert "secret-unknown-token" not in stdout + stderr
+
+
+def test_route_help_names_both_forms(every_pool_config):
+    stdout, _ = _finish(_twistd(every_pool_config, "route", "--help"))
+    text = " ".join(stdout.split())
+    assert "'/_matrix/client/v3/sync?since=s1'" in text
+    assert "or a full URL, e.g. 'https://matrix.example.org/_matrix/client/" in text
+    assert "whose scheme and host are dropped" in text
 
 
 def test_route_needs_a_method_and_url(every_pool_config):

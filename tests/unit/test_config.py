@@ -291,3 +291,101 @@ def test_generated_config_documents_every_key():
             "upstream": "http://127.0.0.1:8008",
         }
     )
+
+
+# Bare durations under a second ----------------------------------------------
+
+
+def _warnings(**extra) -> list[str]:
+    return [str(w) for w in parse_config(_minimal(**extra)).warnings]
+
+
+def test_a_bare_duration_under_a_second_is_a_warning():
+    config = parse_config(_minimal(timeouts={"upstream_response": 180}))
+    assert config.timeouts.upstream_response == 0.18
+    [warning] = config.warnings
+    assert warning.path == ("timeouts", "upstream_response")
+    assert str(warning) == (
+        "timeouts.upstream_response: 180 is 180 ms (a bare number is "
+        "milliseconds, as in Synapse); write 180s for seconds, or 180ms if "
+        "milliseconds are meant"
+    )
+
+
+@pytest.mark.parametrize("value", ["180s", "180ms", "0.5s", 1000, 30000, "3m"], ids=str)
+def test_durations_with_a_unit_or_of_a_second_or_more_are_not(value):
+    assert _warnings(timeouts={"upstream_response": value}) == []
+
+
+def test_every_duration_key_is_checked():
+    warnings = _warnings(
+        timeouts={"upstream_connect": 5, "client_idle": 120},
+        upstream_pool={"idle_timeout": 60},
+        upstream_check={"interval": 5},
+        maintenance={"retry_after": 300},
+        workers={
+            "pools": {
+                "synchrotron": {
+                    "addresses": ["http://127.0.0.1:8083"],
+                    "queue_timeout": 5,
+                }
+            },
+            "whoami_cache": {"ttl": 600},
+        },
+    )
+    assert [w.split(":")[0] for w in warnings] == [
+        "upstream_pool.idle_timeout",
+        "upstream_check.interval",
+        "timeouts.upstream_connect",
+        "timeouts.client_idle",
+        "maintenance.retry_after",
+        "workers.pools.synchrotron.queue_timeout",
+        "workers.whoami_cache.ttl",
+    ]
+
+
+def test_warnings_do_not_make_configurations_differ():
+    assert parse_config(_minimal(timeouts={"body_idle": 60})) == parse_config(
+        _minimal(timeouts={"body_idle": "60ms"})
+    )
+    assert parse_config(_minimal()).warnings == ()
+
+
+def test_parse_duration_alone_warns_nobody():
+    # Outside parse_config there is nowhere for a warning to go.
+    assert parse_duration(5, ("x",)) == 0.005
+
+
+# server_header -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, "matrix-edge"),
+        ("matrix-edge", "matrix-edge"),
+        ("example.org edge/2", "example.org edge/2"),
+        (False, None),
+        ("", None),
+    ],
+)
+def test_server_header(value, expected):
+    document = _minimal() if value is None else _minimal(server_header=value)
+    assert parse_config(document).server_header == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (True, "server_header: expected a header value such as 'matrix-edge', or "),
+        (7, "server_header: expected a header value"),
+        ("bad\r\nX-Injected: 1", "server_header: not a valid header value"),
+        ("caf\u00e9", "server_header: not a valid header value"),
+        (" padded", "server_header: not a valid header value"),
+        ("x" * 257, "server_header: at most 256 characters"),
+    ],
+)
+def test_server_header_refused(value, message):
+    with pytest.raises(ConfigError) as e:
+        parse_config({**_minimal(), "server_header": value})
+    assert message in str(e.value)

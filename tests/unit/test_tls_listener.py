@@ -1,0 +1,98 @@
+"""The first-bytes check of TLS listeners on in-memory transports: TLS goes
+to TLS with the check out of the way, plain HTTP gets its 400 and the
+connection ends within bounds."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from matrix_edge.tls import ServerTLS
+from matrix_edge.tls_listener import DRAIN_BYTES, DRAIN_SECONDS, HTTPSOnlyFactory
+from tests.pki import make_pki
+
+PEER = IPv4Address("TCP", "203.0.113.7", 50000)
+
+
+class _HalfClosable(StringTransport):
+    write_closed = False
+    aborted = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+
+class _Recorder(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+def _connect(tmp_path, server_header: bytes | None = b"matrix-edge"):
+    pki = make_pki(tmp_path)
+    clock = MemoryReactorClock()
+    factory = HTTPSOnlyFactory(
+        ServerTLS(pki.chain_path, pki.key_path),
+        Factory.forProtocol(_Recorder),
+        clock,
+        server_header,
+    )
+    protocol = factory.buildProtocol(PEER)
+    transport = _HalfClosable(peerAddress=PEER)
+    protocol.makeConnection(transport)
+    return clock, protocol, transport
+
+
+def test_tls_bytes_go_to_tls_and_the_check_steps_aside(tmp_path):
+    _, protocol, transport = _connect(tmp_path)
+    assert "dataReceived" in vars(protocol)
+    protocol.dataReceived(b"")  # nothing to decide on yet
+    assert "dataReceived" in vars(protocol)
+    protocol.dataReceived(b"\x16")
+    # The class's own method from now on: no check on later reads.
+    assert "dataReceived" not in vars(protocol)
+    assert transport.value() == b""
+    assert not transport.write_closed
+
+
+def test_plain_http_gets_the_answer_and_a_half_close(tmp_path):
+    clock, protocol, transport = _connect(tmp_path)
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.split(b"\r\n") == [
+        b"HTTP/1.1 400 Bad Request",
+        b"Server: matrix-edge",
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+        b"Connection: close",
+    ]
+    assert json.loads(body) == {
+        "errcode": "M_UNKNOWN",
+        "error": "This port speaks HTTPS",
+    }
+    assert protocol.wrappedProtocol.received == b""
+    assert transport.write_closed and not transport.aborted
+    # The client never closes: cut after the drain time.
+    protocol.dataReceived(b"more")
+    clock.advance(DRAIN_SECONDS - 0.1)
+    assert not transport.aborted
+    clock.advance(0.2)
+    assert transport.aborted
+
+
+def test_a_client_that_keeps_sending_is_cut_off(tmp_path):
+    clock, protocol, transport = _connect(tmp_path, server_header=None)
+    protocol.dataReceived(b"POST /upload HTTP/1.1\r\n")
+    assert b"Server:" not in transport.value()
+    protocol.dataReceived(b"x" * DRAIN_BYTES)
+    assert transport.aborted
+    assert not clock.getDelayedCalls()
