@@ -35,8 +35,6 @@ import hpack
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
-    Frame,
-    GoAwayFrame,
     HeadersFrame,
     PingFrame,
     RstStreamFrame,
@@ -49,14 +47,16 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
 
 from tests import processes  # noqa: E402
+from tests.h2raw import (  # noqa: E402
+    HOST,
+    KiB,
+    RawH2,
+    header_block,
+)
 from tests.pki import make_pki  # noqa: E402
 
-HOST = "127.0.0.1"
-KiB = 1024
 MiB = 1024 * KiB
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-SMALL_PATH = b"/_matrix/client/versions"
 
 # The edge's limits, as matrix_edge/server/h2.py sets them.
 STREAM_WINDOW = 256 * KiB
@@ -252,259 +252,26 @@ def reset_peak(pid: int) -> None:
         Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-# A raw HTTP/2 client -------------------------------------------------------------
+# What the edge answered ----------------------------------------------------
 
 
-def header_block(
-    encoder: hpack.Encoder,
-    path: bytes = SMALL_PATH,
-    method: bytes = b"GET",
-    extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
-) -> bytes:
-    return encoder.encode(
-        [
-            (b":method", method),
-            (b":path", path),
-            (b":scheme", b"https"),
-            (b":authority", b"matrix.test"),
-            *extra,
-        ]
-    )
-
-
-class RawH2:
-    """A TLS connection speaking HTTP/2 frame by frame: what is sent is
-    exactly what the attack builds; what the edge sends is parsed just enough
-    to see GOAWAY, RST_STREAM, response status, data and the end of streams."""
-
-    def __init__(
-        self,
-        port: int,
-        settings: dict[int, int] | None = None,
-        connection_window: int = 0,
-    ):
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        context.set_alpn_protocols(["h2"])
-        raw = socket.create_connection((HOST, port), timeout=10)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = context.wrap_socket(raw, server_hostname="localhost")
-        assert self.sock.selected_alpn_protocol() == "h2"
-        self.encoder = hpack.Encoder()
-        self.decoder = hpack.Decoder(max_header_list_size=1 << 30)
-        self.decoder.max_allowed_table_size = 2**32 - 1
-        self.started = time.monotonic()
-        self.buffer = b""
-        self.goaway: int | None = None
-        self.goaway_at: float | None = None
-        self.goaway_last_stream: int | None = None
-        self.closed_at: float | None = None
-        """The edge's TLS close_notify (or a TCP error) was seen."""
-        self.tcp_closed_at: float | None = None
-        """A write or read failed at the TCP level (reset, broken pipe)."""
-        self.resets: dict[int, int] = {}
-        self.status: dict[int, int] = {}
-        self.received: dict[int, int] = {}
-        self.ended: set[int] = set()
-        self.credit = True
-        """Give back window for the data received (a reading client)."""
-        self.next_stream = 1
-        self.edge_settings = False
-        self.pings_acked = 0
-        self.owed: dict[int, int] = {}
-        self.ack_every_frame = False
-        self.send_window: dict[int, int] = {0: 65535}
-        """What the edge's WINDOW_UPDATEs granted, per stream (0: the
-        connection), on top of the initial windows."""
-        self.edge_initial_window = 65535
-        """One WINDOW_UPDATE per DATA frame, as some clients send them."""
-        settings_frame = SettingsFrame(0)
-        settings_frame.settings = settings or {}
-        first = PREFACE + settings_frame.serialize()
-        if connection_window:
-            first += WindowUpdateFrame(
-                0, window_increment=connection_window
-            ).serialize()
-        self.send(first)
-        # The edge's SETTINGS, acknowledged now: an acknowledgement sent
-        # later could fall inside a header block the attack leaves open.
-        self.wait(lambda: self.edge_settings, 5.0)
-
-    # Sending.
-
-    def send(self, data: bytes, timeout: float = 10.0, after_eof: bool = False) -> bool:
-        """Write everything; False when the edge closed or stopped reading
-        for ``timeout`` seconds. ``after_eof`` keeps writing after the
-        edge's TLS close_notify, until the TCP connection itself fails."""
-        if self.tcp_closed_at is not None or (
-            self.closed_at is not None and not after_eof
-        ):
-            return False
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.sendall(data)
-        except TimeoutError:
-            return False
-        except (OSError, ssl.SSLError):
-            self._closed()
-            self.tcp_closed_at = time.monotonic()
-            return False
-        return True
-
-    def new_stream(self) -> int:
-        stream_id = self.next_stream
-        self.next_stream += 2
-        return stream_id
-
-    def request(
-        self,
-        path: bytes = SMALL_PATH,
-        method: bytes = b"GET",
-        extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
-        end_stream: bool = True,
-    ) -> tuple[int, bytes]:
-        """A new stream's HEADERS frame (not sent)."""
-        stream_id = self.new_stream()
-        frame = HeadersFrame(stream_id, header_block(self.encoder, path, method, extra))
-        frame.flags.add("END_HEADERS")
-        if end_stream:
-            frame.flags.add("END_STREAM")
-        return stream_id, frame.serialize()
-
-    # Receiving.
-
-    def poll(self, timeout: float = 0.0, limit: int = 1 << 20) -> int:
-        """Read and parse what the edge sent, waiting up to ``timeout`` for
-        the first bytes; returns the bytes read."""
-        if self.closed_at is not None:
-            return 0
-        total = 0
-        self.sock.settimeout(timeout if timeout > 0 else 0.0001)
-        try:
-            while total < limit:
-                data = self.sock.recv(256 * KiB)
-                if not data:
-                    self._closed()
-                    break
-                total += len(data)
-                self._parse(data)
-                self.sock.settimeout(0.0001)
-        except (TimeoutError, ssl.SSLWantReadError, BlockingIOError):
-            pass
-        except (OSError, ssl.SSLError):
-            self._closed()
-            self.tcp_closed_at = time.monotonic()
-        return total
-
-    def wait(self, done: Callable[[], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not done():
-            if self.closed_at is not None or time.monotonic() > deadline:
-                return done()
-            self.poll(0.05)
-        return True
-
-    def drained(self, timeout: float = 30.0) -> bool:
-        """Send a PING and wait for its ACK: the edge has read everything
-        sent before it."""
-        self.pings_acked = 0
-        self.send(PingFrame(0, opaque_data=b"drained!").serialize())
-        return self.wait(lambda: self.pings_acked > 0, timeout)
-
-    def wait_closed(self, timeout: float) -> bool:
-        return self.wait(lambda: self.closed_at is not None, timeout)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def _closed(self) -> None:
-        if self.closed_at is None:
-            self.closed_at = time.monotonic()
-
-    def _parse(self, data: bytes) -> None:
-        self.buffer += data
-        replies = b""
-        while len(self.buffer) >= 9:
-            frame, length = Frame.parse_frame_header(memoryview(self.buffer[:9]))
-            if len(self.buffer) < 9 + length:
-                break
-            frame.parse_body(memoryview(self.buffer[9 : 9 + length]))
-            self.buffer = self.buffer[9 + length :]
-            replies += self._frame(frame)
-        if replies:
-            self.send(replies, timeout=1.0)
-
-    def _frame(self, frame: Frame) -> bytes:
-        if isinstance(frame, GoAwayFrame):
-            if self.goaway is None:
-                self.goaway = frame.error_code
-                self.goaway_at = time.monotonic()
-                self.goaway_last_stream = frame.last_stream_id
-        elif isinstance(frame, RstStreamFrame):
-            self.resets[frame.stream_id] = frame.error_code
-        elif isinstance(frame, WindowUpdateFrame):
-            self.send_window[frame.stream_id] = (
-                self.send_window.get(frame.stream_id, 0) + frame.window_increment
-            )
-        elif isinstance(frame, PingFrame) and "ACK" in frame.flags:
-            if frame.opaque_data == b"drained!":
-                self.pings_acked += 1
-        elif isinstance(frame, HeadersFrame):
-            for name, value in self.decoder.decode(frame.data, raw=True):
-                if name == b":status":
-                    self.status[frame.stream_id] = int(value)
-            if "END_STREAM" in frame.flags:
-                self.ended.add(frame.stream_id)
-        elif isinstance(frame, DataFrame):
-            self.received[frame.stream_id] = self.received.get(
-                frame.stream_id, 0
-            ) + len(frame.data)
-            if "END_STREAM" in frame.flags:
-                self.ended.add(frame.stream_id)
-            if self.credit and frame.flow_controlled_length:
-                return self._give_back(frame.stream_id, frame.flow_controlled_length)
-        elif isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
-            self.edge_settings = True
-            self.edge_initial_window = frame.settings.get(
-                SettingsFrame.INITIAL_WINDOW_SIZE, self.edge_initial_window
-            )
-            return SettingsFrame(0, flags=["ACK"]).serialize()
-        return b""
-
-    def _give_back(self, stream_id: int, size: int) -> bytes:
-        """WINDOW_UPDATEs for data received, 32 KiB at a time, as browsers
-        and nghttp2 send them (not one per DATA frame)."""
-        out = b""
-        self.owed[0] = self.owed.get(0, 0) + size
-        self.owed[stream_id] = self.owed.get(stream_id, 0) + size
-        threshold = 1 if self.ack_every_frame else 32 * KiB
-        for key in (0, stream_id):
-            if self.owed[key] >= threshold:
-                out += WindowUpdateFrame(
-                    key, window_increment=self.owed[key]
-                ).serialize()
-                self.owed[key] = 0
-        return out
-
-    def outcome(self) -> tuple[str, float | None]:
-        """What the edge answered, and when (seconds after the start)."""
-        if self.goaway is not None:
-            name = ERROR_NAMES.get(self.goaway, str(self.goaway))
-            text = f"GOAWAY {name}"
-            if self.closed_at is not None:
-                text += f", closed +{self.closed_at - (self.goaway_at or 0):.1f}s"
-            return text, (self.goaway_at or 0) - self.started
-        if self.closed_at is not None:
-            return "closed", self.closed_at - self.started
-        if self.resets:
-            codes = sorted({ERROR_NAMES.get(c, str(c)) for c in self.resets.values()})
-            return f"RST_STREAM x{len(self.resets)} ({', '.join(codes)})", None
-        if self.status:
-            codes = sorted(set(self.status.values()))
-            return f"status {codes}", None
-        return "nothing", None
+def outcome(client: RawH2) -> tuple[str, float | None]:
+    """What the edge answered, and when (seconds after the start)."""
+    if client.goaway is not None:
+        name = ERROR_NAMES.get(client.goaway, str(client.goaway))
+        text = f"GOAWAY {name}"
+        if client.closed_at is not None:
+            text += f", closed +{client.closed_at - (client.goaway_at or 0):.1f}s"
+        return text, (client.goaway_at or 0) - client.started
+    if client.closed_at is not None:
+        return "closed", client.closed_at - client.started
+    if client.resets:
+        codes = sorted({ERROR_NAMES.get(c, str(c)) for c in client.resets.values()})
+        return f"RST_STREAM x{len(client.resets)} ({', '.join(codes)})", None
+    if client.status:
+        codes = sorted(set(client.status.values()))
+        return f"status {codes}", None
+    return "nothing", None
 
 
 def normal_request(port: int) -> str:
@@ -520,7 +287,7 @@ def normal_request(port: int) -> str:
         status = client.status.get(stream_id)
         if stream_id in client.ended and status == 200:
             return "ok"
-        return f"no: status {status}, {client.outcome()[0]}"
+        return f"no: status {status}, {outcome(client)[0]}"
     finally:
         client.close()
 
@@ -576,7 +343,7 @@ def rapid_reset(port: int, result: AttackResult) -> None:
             break
     client.wait_closed(5.0)
     result.frames_sent = 2 * pairs
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     client.close()
 
 
@@ -604,7 +371,7 @@ def continuation_flood(port: int, result: AttackResult) -> None:
                 break
     client.wait_closed(5.0)
     result.frames_sent = sent + 1
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     client.close()
 
 
@@ -636,7 +403,7 @@ def hpack_bomb(port: int, result: AttackResult) -> None:
     result.extra["decoded_size_if_unbounded"] = 16 * 16000 * 4000
     client.wait(lambda: client.goaway is not None or bool(client.resets), 5.0)
     client.wait_closed(3.0)
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     client.close()
 
 
@@ -658,7 +425,7 @@ def settings_flood(port: int, result: AttackResult) -> None:
     client.wait_closed(5.0)
     result.frames_sent = sent
     result.bytes_sent = sent * len(frame.serialize())
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     client.close()
 
 
@@ -690,7 +457,7 @@ def ping_flood(port: int, result: AttackResult, reading: bool) -> None:
         result.extra["client_writes_stopped_at_s"] = round(send_stopped, 2)
         result.extra["client_blocked"] = blocked
     client.wait_closed(5.0)
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     client.close()
 
 
@@ -719,7 +486,7 @@ def zero_window_streams(port: int, result: AttackResult) -> None:
     result.notes = f"upstream MiB sent at 2/4/6 s: {samples}"
     result.extra["streams_answered"] = len(client.status)
     result.extra["client_received_bytes"] = sum(client.received.values())
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     if result.answer == "nothing" or result.answer.startswith("status"):
         result.answer = f"held ({len(client.status)} heads, no data)"
     client.close()
@@ -752,7 +519,7 @@ def non_reading_huge_window(port: int, result: AttackResult) -> None:
     got = client.poll(0.5, limit=4 * MiB)
     result.extra["readable_after_s"] = got
     if client.goaway is not None or client.closed_at is not None:
-        result.answer, result.after_s = client.outcome()
+        result.answer, result.after_s = outcome(client)
     client.close()
 
 
@@ -781,7 +548,7 @@ def write_after_goaway(port: int, result: AttackResult) -> None:
     result.bytes_sent = sent
     result.frames_sent = sent // 16009 + 1
     result.extra["write_stalls_0.5s"] = stalls
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     start = client.goaway_at or client.started
     if client.closed_at is not None:
         result.extra["tls_close_after_goaway_s"] = round(client.closed_at - start, 2)
@@ -812,7 +579,7 @@ def slow_headers(port: int, result: AttackResult) -> None:
         sent += 1
     client.wait_closed(5.0)
     result.frames_sent = sent
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     result.extra["configured_request_headers_s"] = REQUEST_HEADERS_TIMEOUT
     client.close()
 
@@ -852,7 +619,7 @@ def slow_body(port: int, result: AttackResult) -> None:
         ),
         BODY_IDLE_TIMEOUT + 6,
     )
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     if result.after_s is None and client.resets:
         result.after_s = time.monotonic() - client.started
     result.extra["configured_body_idle_s"] = BODY_IDLE_TIMEOUT
@@ -887,7 +654,7 @@ def paced_rapid_reset(port: int, result: AttackResult) -> None:
         client.poll(0.1)
     client.wait_closed(5.0)
     result.extra["rounds"] = rounds
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     client.close()
 
 
@@ -935,7 +702,7 @@ def hpack_table_growth(
             else ""
         )
     )
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     if result.answer.startswith("status"):
         result.answer = f"served {done} requests"
     client.close()
@@ -954,7 +721,7 @@ def ping_at_refill_rate(port: int, result: AttackResult) -> None:
         time.sleep(max(0.0, started + sent / 150 - time.monotonic()))
     result.frames_sent = sent
     result.bytes_sent = sent * 17
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     if result.answer == "nothing":
         result.answer = "kept open"
     client.close()
@@ -988,7 +755,7 @@ def window_update_flood(port: int, result: AttackResult, blocked: int) -> None:
         read_all = round(time.monotonic() - client.started, 2)
         result.extra["edge_read_all_s"] = read_all
         result.notes = f"edge had read all {sent} frames at {read_all} s"
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     if result.answer.startswith("status"):
         result.answer = "kept open"
     client.close()
@@ -1022,7 +789,7 @@ def empty_data_flood(port: int, result: AttackResult) -> None:
         read_all = round(time.monotonic() - client.started, 2)
         result.extra["edge_read_all_s"] = read_all
         result.notes = f"edge had read all {sent} frames at {read_all} s"
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     if result.answer == "nothing":
         result.answer = "kept open"
     client.close()
@@ -1044,7 +811,7 @@ def over_stream_limit(port: int, result: AttackResult) -> None:
     result.bytes_sent = len(data)
     client.wait(lambda: client.goaway is not None or bool(client.resets), 3.0)
     client.wait_closed(3.0)
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     result.extra["goaway_last_stream_id"] = client.goaway_last_stream
     result.notes = (
         f"GOAWAY last-stream-id {client.goaway_last_stream} (streams 1-201 sent)"
@@ -1080,7 +847,7 @@ def frame_flood(
     if client.goaway is None and client.drained():
         read_all = time.monotonic() - client.started
         result.notes = f"edge had read all {sent} frames at {read_all:.1f} s"
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     if result.answer in ("nothing",) or result.answer.startswith("status"):
         result.answer = "kept open"
     client.close()
@@ -1147,7 +914,7 @@ def upload_upstream_not_reading(port: int, result: AttackResult) -> None:
         f"client could send {total / MiB:.1f} MiB of the 1000 MiB declared "
         "(windows granted as the edge passed data to upstream sockets)"
     )
-    result.answer, result.after_s = client.outcome()
+    result.answer, result.after_s = outcome(client)
     if result.answer == "nothing":
         result.answer = "held (windows closed)"
     client.close()

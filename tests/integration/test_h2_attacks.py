@@ -9,32 +9,24 @@ it), sampled every 50 ms while the attack runs.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import ssl
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import hpack
 import pytest_twisted
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
-    Frame,
-    GoAwayFrame,
     HeadersFrame,
     RstStreamFrame,
     SettingsFrame,
-    WindowUpdateFrame,
 )
 from twisted.internet.threads import deferToThread
 
 from tests import recording_upstream
+from tests.h2raw import RawH2
 
 MiB = 1024 * 1024
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 ENHANCE_YOUR_CALM = 11
 NO_ERROR = 0
 
@@ -71,156 +63,11 @@ class PeakRss:
         return (self.peak - self.start) / 1024
 
 
-class Raw:
-    """HTTP/2 over TLS frame by frame: sends exactly what the test builds,
-    notes GOAWAY, resets, statuses and ends, and acknowledges the edge's
-    SETTINGS (at once, so that no acknowledgement falls inside a header
-    block the test leaves open)."""
-
-    def __init__(
-        self,
-        port: int,
-        settings: dict[int, int] | None = None,
-        connection_window: int = 0,
-    ):
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        context.set_alpn_protocols(["h2"])
-        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock = context.wrap_socket(raw, server_hostname="localhost")
-        assert self.sock.selected_alpn_protocol() == "h2"
-        self.encoder = hpack.Encoder()
-        self.decoder = hpack.Decoder()
-        self.buffer = b""
-        self.goaway: int | None = None
-        self.tls_closed = False
-        self.tcp_closed = False
-        self.resets: dict[int, int] = {}
-        self.status: dict[int, int] = {}
-        self.ended: set[int] = set()
-        self.next_stream = 1
-        self._edge_settings = False
-        self.owed: dict[int, int] = {}
-        frame = SettingsFrame(0)
-        frame.settings = settings or {}
-        first = PREFACE + frame.serialize()
-        if connection_window:
-            first += WindowUpdateFrame(
-                0, window_increment=connection_window
-            ).serialize()
-        self.send(first)
-        self.wait(lambda: self._edge_settings, 10)
-
-    @property
-    def closed(self) -> bool:
-        return self.tls_closed or self.tcp_closed
-
-    def headers(
-        self,
-        path: bytes = b"/_matrix/client/versions",
-        end_stream: bool = True,
-        end_headers: bool = True,
-    ) -> tuple[int, bytes]:
-        stream_id = self.next_stream
-        self.next_stream += 2
-        block = self.encoder.encode(
-            [
-                (b":method", b"GET"),
-                (b":path", path),
-                (b":scheme", b"https"),
-                (b":authority", b"matrix.test"),
-            ]
-        )
-        frame = HeadersFrame(stream_id, block)
-        if end_headers:
-            frame.flags.add("END_HEADERS")
-        if end_stream:
-            frame.flags.add("END_STREAM")
-        return stream_id, frame.serialize()
-
-    def send(
-        self, data: bytes, timeout: float = 5.0, after_close: bool = False
-    ) -> bool:
-        if self.tcp_closed or (self.tls_closed and not after_close):
-            return False
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.sendall(data)
-        except TimeoutError:
-            return False
-        except OSError:
-            self.tcp_closed = True
-            return False
-        return True
-
-    def poll(self, timeout: float = 0.0) -> None:
-        if self.closed:
-            return
-        self.sock.settimeout(max(timeout, 0.0001))
-        try:
-            while True:
-                data = self.sock.recv(256 * 1024)
-                if not data:
-                    self.tls_closed = True
-                    return
-                self._parse(data)
-                self.sock.settimeout(0.0001)
-        except (TimeoutError, ssl.SSLWantReadError):
-            pass
-        except OSError:
-            self.tcp_closed = True
-
-    def wait(self, done: Callable[[], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not done() and not self.closed and time.monotonic() < deadline:
-            self.poll(0.05)
-        return done()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def _parse(self, data: bytes) -> None:
-        self.buffer += data
-        while len(self.buffer) >= 9:
-            frame, length = Frame.parse_frame_header(memoryview(self.buffer[:9]))
-            if len(self.buffer) < 9 + length:
-                return
-            frame.parse_body(memoryview(self.buffer[9 : 9 + length]))
-            self.buffer = self.buffer[9 + length :]
-            if isinstance(frame, GoAwayFrame) and self.goaway is None:
-                self.goaway = frame.error_code
-            elif isinstance(frame, RstStreamFrame):
-                self.resets[frame.stream_id] = frame.error_code
-            elif isinstance(frame, HeadersFrame):
-                for name, value in self.decoder.decode(frame.data, raw=True):
-                    if name == b":status":
-                        self.status[frame.stream_id] = int(value)
-                if "END_STREAM" in frame.flags:
-                    self.ended.add(frame.stream_id)
-            elif isinstance(frame, DataFrame):
-                if "END_STREAM" in frame.flags:
-                    self.ended.add(frame.stream_id)
-                # WINDOW_UPDATEs 32 KiB at a time, as browsers send them.
-                for key in (0, frame.stream_id):
-                    owed = self.owed.get(key, 0) + frame.flow_controlled_length
-                    self.owed[key] = owed
-                    if owed >= 32 * 1024:
-                        self.owed[key] = 0
-                        self.send(
-                            WindowUpdateFrame(key, window_increment=owed).serialize()
-                        )
-            elif isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
-                self._edge_settings = True
-                self.send(SettingsFrame(0, flags=["ACK"]).serialize())
-
-
 def normal_request(port: int) -> int | None:
     """The status a plain GET gets on a fresh connection."""
-    client = Raw(port)
+    client = RawH2(port)
     try:
-        stream_id, frame = client.headers()
+        stream_id, frame = client.request()
         client.send(frame)
         client.wait(lambda: stream_id in client.ended, 10)
         return client.status.get(stream_id)
@@ -237,13 +84,13 @@ async def test_rapid_reset_gets_enhance_your_calm(make_stack):
     stack = make_stack(tls=True)
 
     def attack() -> tuple[int | None, int, int | None]:
-        client = Raw(stack.port)
+        client = RawH2(stack.port)
         pairs = 0
         deadline = time.monotonic() + 10
         while pairs < 20000 and time.monotonic() < deadline and not client.closed:
             batch = b""
             for _ in range(20):
-                stream_id, frame = client.headers()
+                stream_id, frame = client.request()
                 batch += frame + RstStreamFrame(stream_id, error_code=8).serialize()
             if not client.send(batch):
                 break
@@ -269,12 +116,12 @@ async def test_paced_rapid_reset_bounds_upstream_requests(make_stack):
     stack = make_stack(tls=True)
 
     def attack() -> tuple[int | None, int]:
-        client = Raw(stack.port)
+        client = RawH2(stack.port)
         rounds = 0
         while rounds < 20 and not client.closed:
             ids, batch = [], b""
             for _ in range(100):
-                stream_id, frame = client.headers(b"/_matrix/hang")
+                stream_id, frame = client.request(b"/_matrix/hang")
                 ids.append(stream_id)
                 batch += frame
             client.send(batch)
@@ -303,8 +150,8 @@ async def test_continuation_flood_closes_before_upstream(make_stack):
     stack = make_stack(tls=True)
 
     def attack() -> tuple[int | None, int]:
-        client = Raw(stack.port)
-        stream_id, frame = client.headers(end_headers=False)
+        client = RawH2(stack.port)
+        stream_id, frame = client.request(end_headers=False)
         client.send(frame)
         piece = b"\x00\x07x-flood\x7f\x81\x7c" + b"a" * 16000  # literal, 16 KB
         sent = 0
@@ -330,7 +177,7 @@ async def test_hpack_bomb_is_refused(make_stack):
     stack = make_stack(tls=True)
 
     def attack() -> tuple[int | None, int | None]:
-        client = Raw(stack.port)
+        client = RawH2(stack.port)
         first_id = client.next_stream
         client.next_stream += 2
         block = client.encoder.encode(
@@ -347,7 +194,7 @@ async def test_hpack_bomb_is_refused(make_stack):
         first.flags.add("END_STREAM")
         client.send(first.serialize())
         client.wait(lambda: first_id in client.ended, 10)
-        stream_id, frame = client.headers(end_headers=False)
+        stream_id, frame = client.request(end_headers=False)
         references = b"\xbe" * 16000  # indexed field 62: the x-bomb entry
         frames = [ContinuationFrame(stream_id, references) for _ in range(16)]
         frames[-1].flags.add("END_HEADERS")
@@ -373,8 +220,8 @@ async def test_slow_headers_closed_at_the_header_deadline(make_stack):
     stack = make_stack(tls=True, timeouts={"request_headers": "1s"})
 
     def attack() -> tuple[int | None, bool, int]:
-        client = Raw(stack.port)
-        stream_id, frame = client.headers(end_headers=False)
+        client = RawH2(stack.port)
+        stream_id, frame = client.request(end_headers=False)
         client.send(frame)
         piece = b"\x00\x06x-slow\x05sssss"  # a literal field, not indexed
         sent = 0
@@ -402,12 +249,12 @@ async def test_non_reading_client_with_huge_window_keeps_memory_bounded(make_sta
     stack = make_stack(tls=True)
 
     def attack() -> tuple[int, int | None]:
-        client = Raw(
+        client = RawH2(
             stack.port,
             settings={SettingsFrame.INITIAL_WINDOW_SIZE: 2**31 - 1},
             connection_window=2**31 - 1 - 65535,
         )
-        data = b"".join(client.headers(b"/_matrix/big?mb=20")[1] for _ in range(4))
+        data = b"".join(client.request(b"/_matrix/big?mb=20")[1] for _ in range(4))
         client.send(data)
         # Until the four requests are upstream, then not reading for 4 s.
         deadline = time.monotonic() + 10
@@ -433,20 +280,25 @@ async def test_writing_after_goaway_is_cut_off(make_stack):
     stack = make_stack(tls=True)
 
     def attack() -> tuple[int | None, bool, bool, int]:
-        client = Raw(stack.port)
-        bad = HeadersFrame(2, client.headers()[1][9:])  # an even stream ID
+        client = RawH2(stack.port)
+        bad = HeadersFrame(2, client.request()[1][9:])  # an even stream ID
         bad.flags.add("END_HEADERS")
         bad.flags.add("END_STREAM")
         client.send(bad.serialize())
         block = DataFrame(1, b"x" * 16000).serialize() * 16
         sent = 0
         deadline = time.monotonic() + 10
-        while not client.tcp_closed and time.monotonic() < deadline:
-            if client.send(block, timeout=0.5, after_close=True):
+        while client.tcp_closed_at is None and time.monotonic() < deadline:
+            if client.send(block, timeout=0.5, after_eof=True):
                 sent += len(block)
             client.poll()
         client.close()
-        return client.goaway, client.tls_closed, client.tcp_closed, sent
+        return (
+            client.goaway,
+            client.closed_at is not None,
+            client.tcp_closed_at is not None,
+            sent,
+        )
 
     with PeakRss() as rss:
         goaway, tls_closed, tcp_closed, sent = await deferToThread(attack)
@@ -475,9 +327,9 @@ async def test_zero_window_streams_pause_the_upstream(make_stack, monkeypatch):
     monkeypatch.setattr(recording_upstream._Zeros, "resumeProducing", counting)
 
     def attack() -> tuple[int, int, bool, int]:
-        client = Raw(stack.port, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0})
+        client = RawH2(stack.port, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0})
         client.send(
-            b"".join(client.headers(b"/_matrix/big?mb=10")[1] for _ in range(100))
+            b"".join(client.request(b"/_matrix/big?mb=10")[1] for _ in range(100))
         )
         # Until the upstream has stopped producing for a second (bounded).
         last, still, deadline = -1, 0, time.monotonic() + 20
@@ -511,13 +363,15 @@ async def test_hpack_encoder_table_bounded_whatever_the_client_advertises(make_s
     stack = make_stack(tls=True)
 
     def attack() -> tuple[int, int, int]:
-        client = Raw(stack.port, settings={SettingsFrame.HEADER_TABLE_SIZE: 2**32 - 1})
+        client = RawH2(
+            stack.port, settings={SettingsFrame.HEADER_TABLE_SIZE: 2**32 - 1}
+        )
         client.decoder.max_allowed_table_size = 2**32 - 1
         done = 0
         while done < 2000 and not client.closed:
             ids, batch = [], b""
             for _ in range(100):
-                stream_id, frame = client.headers()
+                stream_id, frame = client.request()
                 ids.append(stream_id)
                 batch += frame
             client.send(batch)
