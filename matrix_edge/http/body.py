@@ -93,9 +93,7 @@ class RequestBody:
 
     def fail(self, reason: Failure) -> None:
         """The client's body will never be complete (it went away)."""
-        self._stopped = True
-        self._pending = []
-        self._reading.release_all()
+        self.stopProducing()
         if self._done is not None:
             done, self._done = self._done, None
             done.errback(reason)

@@ -150,8 +150,6 @@ class H2Stream:
         self.id = stream_id
         self._connection = connection
         self.handler: StreamHandler | None = None
-        self.request_ended = False
-        """END_STREAM arrived from the client."""
         self.body_left: int | None = None
         """Declared request body bytes still to come."""
         self.body_done = False
@@ -172,10 +170,6 @@ class H2Stream:
         self.last_progress = 0.0
         """When a frame of the request last arrived, or response data last
         left; see H2ServerProtocol._sweep_stalled."""
-
-    @property
-    def connection(self) -> H2ServerProtocol:
-        return self._connection
 
     # The response, from the handler ---------------------------------------
 
@@ -609,7 +603,7 @@ class H2ServerProtocol(Protocol):
         stream_id = self._last_stream_id = event.stream_id
         ended = event.stream_ended is not None
         stream = H2Stream(self, stream_id)
-        stream.request_ended = stream.body_done = ended
+        stream.body_done = ended
         stream.last_progress = self._clock.seconds()
         self._streams[stream_id] = stream
         if self._stall_timer is None:
@@ -673,7 +667,6 @@ class H2ServerProtocol(Protocol):
         stream = self._streams.get(stream_id)
         if stream is None:
             return
-        stream.request_ended = True
         if stream.body_left:
             # Trailers ended the stream short of its Content-Length (h2
             # checks the length only when DATA carries END_STREAM): a

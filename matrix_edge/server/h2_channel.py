@@ -44,9 +44,7 @@ class H2RequestChannel:
         headers = request.requestHeaders
         for name, value in head.headers:
             headers.addRawHeader(name, value)
-        request.gotLength(head.content_length)
-        if ended:
-            request.requestReceived(self.method, self.target, HTTP2)
+        self._start(request, head.content_length, ended)
 
     def head_refused(
         self, method: bytes, target: bytes, error: MatrixError, ended: bool
@@ -56,7 +54,11 @@ class H2RequestChannel:
         self.method, self.target = method, target
         request = self.request = self.site.requestFactory(self)
         request.head_error = error
-        request.gotLength(0 if ended else None)
+        self._start(request, 0 if ended else None, ended)
+
+    def _start(self, request: EdgeRequest, length: int | None, ended: bool) -> None:
+        """The request's first steps, as HTTP/1.1's channel takes them."""
+        request.gotLength(length)
         if ended:
             request.requestReceived(self.method, self.target, HTTP2)
 
