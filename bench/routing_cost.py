@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
-from twisted.web.http_headers import Headers
 
 from matrix_edge.config.edge import EdgeConfig, parse_config
 from matrix_edge.config.upstream import UpstreamAddress
@@ -33,6 +32,7 @@ from matrix_edge.http.upstream import Upstream
 from matrix_edge.pools.dispatch import Dispatcher, make_dispatcher
 from matrix_edge.pools.pool import Lease
 from matrix_edge.pools.whoami import token_digest
+from matrix_edge.server.fields import HeaderFields
 
 POOLS = {
     "synchrotron": 4,
@@ -97,7 +97,7 @@ def _routers() -> tuple[Router, Router, Dispatcher]:
     return plain, workers, dispatcher
 
 
-Request = tuple[bytes, bytes, bytes, Headers, str, int | None]
+Request = tuple[bytes, bytes, bytes, HeaderFields, str, int | None]
 
 
 def _request(
@@ -108,11 +108,11 @@ def _request(
     authorization: bytes | None = None,
     length: int | None = None,
 ) -> Request:
-    headers = Headers({b"host": [b"hs.test"], b"user-agent": [b"Element/1.11"]})
+    headers = HeaderFields([(b"host", b"hs.test"), (b"user-agent", b"Element/1.11")])
     if token is not None:
-        headers.addRawHeader(b"authorization", b"Bearer " + token)
+        headers.add(b"authorization", b"Bearer " + token)
     if authorization is not None:
-        headers.addRawHeader(b"authorization", authorization)
+        headers.add(b"authorization", authorization)
     path = target.partition(b"?")[0]
     return (method, target, path, headers, "203.0.113.7", length)
 

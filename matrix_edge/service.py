@@ -27,9 +27,9 @@ from matrix_edge.config.listeners import ListenerConfig
 from matrix_edge.config.upstream import UpstreamAddress
 from matrix_edge.http.accesslog_file import AccessLogFile
 from matrix_edge.http.routing import LiveSettings
-from matrix_edge.http.site import EdgeSite
 from matrix_edge.http.upstream import Upstream
 from matrix_edge.pools.dispatch import make_dispatcher
+from matrix_edge.server.site import EdgeSite
 from matrix_edge.tls import ServerTLS, SighupService, TLSConfigError
 from matrix_edge.tls_listener import HTTPSOnlyFactory
 from matrix_edge.upstream_watch import UpstreamWatch

@@ -15,7 +15,7 @@ from matrix_edge.http.target import decode_query_component
 from matrix_edge.pools.keys import xmatrix_origin
 
 if TYPE_CHECKING:
-    from matrix_edge.http.site import EdgeRequest
+    from matrix_edge.server.request import EdgeRequest
 
 # Query parameters whose values never reach a log.
 _SECRETS = frozenset({b"access_token", b"client_secret"})
@@ -131,10 +131,10 @@ class AccessLog:
         # A client that went away before the response was complete: its
         # status, or nginx's 499 when no response had started, and the mark.
         disconnected = request.is_disconnected
-        status = request.code if request.startedWriting or not disconnected else 499
-        agent = request.getHeader(b"user-agent")
+        status = request.code if request.started_writing else 499
+        agent = request.headers.first(b"user-agent")
         upstream = request.upstream_seconds
-        origin = xmatrix_origin(request.requestHeaders.getRawHeaders(b"authorization"))
+        origin = xmatrix_origin(request.headers.values(b"authorization"))
         fields = {
             "client": request.client_ip,
             "listener": self._tag,
@@ -144,7 +144,7 @@ class AccessLog:
             "protocol": request.clientproto.decode("ascii", "backslashreplace"),
             "status": status,
             "client_disconnected": disconnected,
-            "bytes": request.sentLength,
+            "bytes": request.sent_length,
             "upstream_seconds": None if upstream is None else round(upstream, 6),
             "total_seconds": round(request.elapsed_seconds(), 6),
             "user_agent": agent.decode("ascii", "backslashreplace") if agent else None,

@@ -7,7 +7,6 @@ import math
 
 import attrs
 from twisted.web.http import RESPONSES
-from twisted.web.server import Request
 
 # The CORS headers Synapse puts on its own responses, so that browser
 # clients can read the errors the edge answers in its place.
@@ -89,14 +88,6 @@ def gateway_timeout() -> MatrixError:
     return MatrixError(504, "M_UNKNOWN", "The homeserver did not answer in time")
 
 
-def refuse_method(request: Request, allowed: bytes) -> bytes:
-    """Answer a method a local resource does not take: 405 with Allow, the
-    Matrix spec's M_UNRECOGNIZED. Returns the body for render()."""
-    write_error(request, MatrixError(405, "M_UNRECOGNIZED", "Unrecognized request"))
-    request.setHeader(b"Allow", allowed)
-    return b""
-
-
 def closing_response(error: MatrixError, server: bytes | None) -> bytes:
     """The whole HTTP/1.1 response for ``error``, ending the connection:
     for answers written before there is a request object to answer with
@@ -114,21 +105,14 @@ def closing_response(error: MatrixError, server: bytes | None) -> bytes:
     )
 
 
-def write_error(request: Request, error: MatrixError) -> None:
-    """Set status, headers and body of ``request`` to ``error``.
-
-    The caller finishes the request; headers set earlier for the client's
-    benefit (such as a request ID) are kept.
-    """
-    body = error.body()
-    request.setResponseCode(error.code, reason_phrase(error.code))
-    headers = request.responseHeaders
-    headers.setRawHeaders(b"Content-Type", [b"application/json"])
-    headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-    headers.setRawHeaders(b"Cache-Control", [b"no-cache, no-store, must-revalidate"])
-    for name, value in CORS_HEADERS:
-        headers.setRawHeaders(name, [value])
+def error_headers(error: MatrixError) -> list[tuple[bytes, bytes]]:
+    """The headers of the edge's answer ``error``, but for its length (the
+    client side frames the body) and the request ID (the request adds it)."""
+    headers = [
+        (b"Content-Type", b"application/json"),
+        (b"Cache-Control", b"no-cache, no-store, must-revalidate"),
+        *CORS_HEADERS,
+    ]
     if error.retry_after is not None:
-        headers.setRawHeaders(b"Retry-After", [b"%d" % math.ceil(error.retry_after)])
-    if request.method != b"HEAD":
-        request.write(body)
+        headers.append((b"Retry-After", b"%d" % math.ceil(error.retry_after)))
+    return headers

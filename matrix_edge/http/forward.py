@@ -32,7 +32,7 @@ from matrix_edge.pools.dispatch import Placed, refused_error
 from matrix_edge.pools.pool import Lease
 
 if TYPE_CHECKING:
-    from matrix_edge.http.site import EdgeRequest
+    from matrix_edge.server.request import EdgeRequest
 
 log = Logger()
 
@@ -85,19 +85,18 @@ class Forwarding:
         through L{body_chunk}."""
         request = self._request
         headers = upstream_request_headers(
-            request.requestHeaders,
+            request.headers,
             forwarded_for.encode("ascii"),
             request.listener.scheme,
             request_id=(request.request_id_header, request.request_id.encode()),
         )
         if length != 0:
-            client = request.client_side
+            client = request.side
             reading = ClientReading(client.pause_reading, client.resume_reading)
             self._body = RequestBody(length, reading)
             self._arm_idle_timer()
         self._started_at = self._clock.seconds()
         self._headers = headers
-        request.notifyFinish().addErrback(self._client_gone)
         self._place(self._placed)
 
     @property
@@ -187,23 +186,17 @@ class Forwarding:
         request = self._request
         if request.finished or request.is_disconnected:
             return
-        request.setResponseCode(code, phrase)
-        kept = filter_headers(headers)
-        if length is not None:
-            kept.append((b"Content-Length", b"%d" % length))
-        response_headers = request.responseHeaders
-        for name, value in kept:
-            response_headers.addRawHeader(name, value)
         if not request.body_complete:
             # Synapse answered before the upload ended (a 401, a 413): the
             # rest of the body is read and dropped, and the connection is
             # closed after the response.
             request.close_after_response()
+        request.respond(code, phrase, filter_headers(headers), length)
         self._arm_idle_timer()
         assert self._exchange is not None
         producer = self._exchange.producer
         if producer is not None:
-            request.registerProducer(producer, True)
+            request.register_producer(producer)
 
     def response_data(self, data: bytes) -> None:
         self._request.write(data)
@@ -216,7 +209,7 @@ class Forwarding:
         request = self._request
         if request.is_disconnected:
             return
-        request.unregisterProducer()
+        request.unregister_producer()
         if complete:
             request.response_complete()
         else:
@@ -286,7 +279,7 @@ class Forwarding:
 
     # Cancellation and timers --------------------------------------------
 
-    def _client_gone(self, reason: Failure) -> None:
+    def client_gone(self, reason: Failure) -> None:
         """The client disconnected: stop Synapse's work on its behalf."""
         if self._body is not None:
             self._body.fail(reason)

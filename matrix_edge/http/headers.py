@@ -5,9 +5,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-from twisted.web.http_headers import Headers
-
 from matrix_edge.config.proxies import IPNetwork
+from matrix_edge.server.fields import HeaderFields
 
 # RFC 9110 section 7.6.1 connection-specific fields, plus the de-facto ones.
 # Transfer-Encoding and Content-Length are framing: the upstream client and
@@ -81,7 +80,7 @@ def filter_headers(
 
 
 def upstream_request_headers(
-    client_headers: Headers,
+    client_headers: HeaderFields,
     forwarded_for: bytes,
     forwarded_proto: bytes,
     request_id: tuple[bytes, bytes] | None = None,
@@ -92,17 +91,19 @@ def upstream_request_headers(
     first address in it, so a client-sent value would otherwise win. The
     request ID header, when given as (name, value), replaces the client's.
     """
-    drop = _REQUEST_DROPPED
+    removed = HOP_BY_HOP | _REQUEST_DROPPED
     if request_id is not None:
-        drop = drop | {request_id[0].lower()}
-    out = filter_headers(
-        (
-            (name, value)
-            for name, values in client_headers.getAllRawHeaders()
-            for value in values
-        ),
-        drop,
-    )
+        removed = removed | {request_id[0].lower()}
+    out = []
+    listed: list[bytes] = []
+    for lower, field in client_headers.lowered():
+        if lower not in removed:
+            out.append(field)
+        elif lower == b"connection":
+            listed.append(field[1])
+    if listed:
+        extra = connection_tokens(listed)
+        out = [field for field in out if field[0].lower() not in extra]
     out.append((b"X-Forwarded-For", forwarded_for))
     out.append((b"X-Forwarded-Proto", forwarded_proto))
     if request_id is not None:

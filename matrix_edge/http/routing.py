@@ -10,7 +10,6 @@ from collections.abc import Callable, Collection
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.web.http_headers import Headers
 
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.listeners import ListenerConfig, ListenerType
@@ -22,6 +21,7 @@ from matrix_edge.http.target import check_target
 from matrix_edge.http.upstream import Upstream
 from matrix_edge.pools.dispatch import Dispatcher, Placed
 from matrix_edge.pools.pool import Lease
+from matrix_edge.server.fields import HeaderFields
 
 # What each kind of listener forwards to Synapse, as in Synapse's
 # reverse-proxy documentation.
@@ -119,7 +119,7 @@ class Router:
         method: bytes,
         target: bytes,
         path: bytes,
-        headers: Headers,
+        headers: HeaderFields,
         client_ip: str,
         length: int | None,
     ) -> Decision:
@@ -130,7 +130,7 @@ class Router:
         problem = check_target(method, target)
         if problem is not None:
             return errors.bad_request(problem)
-        hosts = headers.getRawHeaders(b"host") or ()
+        hosts = headers.values(b"host") or ()
         if len(hosts) != 1:
             return errors.bad_request(
                 "More than one Host header" if hosts else "Missing Host header"
@@ -176,7 +176,7 @@ class Router:
         method: bytes,
         target: bytes,
         path: bytes,
-        headers: Headers,
+        headers: HeaderFields,
         client_ip: str,
         limit: int,
     ) -> Decision:

@@ -10,7 +10,6 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 
 from matrix_edge.config.routes import MAIN, Policy, Route
 from matrix_edge.config.upstream import UpstreamAddress
@@ -22,6 +21,7 @@ from matrix_edge.pools.keys import access_token, room_key, xmatrix_origin
 from matrix_edge.pools.pool import Lease, Member, PoolFull, WorkerPool
 from matrix_edge.pools.table import RouteTable, effective_table, shipped_table
 from matrix_edge.pools.whoami import WhoamiCache, token_digest
+from matrix_edge.server.fields import HeaderFields
 
 Placed = Lease | Deferred[Lease] | MatrixError
 
@@ -38,7 +38,7 @@ class RequestFacts:
     target: bytes
     path: bytes
     query: bytes
-    headers: Headers
+    headers: HeaderFields
     client_ip: str
     scheme: bytes = b"https"
     """How the client reached the edge, for X-Forwarded-Proto."""
@@ -122,7 +122,7 @@ class Dispatcher:
         target: bytes,
         path: bytes,
         query: bytes,
-        headers: Headers,
+        headers: HeaderFields,
         client_ip: str,
         scheme: bytes = b"https",
         exclude: Collection[Upstream] = (),
@@ -204,7 +204,7 @@ class Dispatcher:
 
     def _user_key(
         self,
-        headers: Headers,
+        headers: HeaderFields,
         query: bytes,
         client_ip: str,
         scheme: bytes,
@@ -245,17 +245,14 @@ def may_look_up(token: bytes) -> bool:
 
 
 def _key(
-    policy: Policy, target: bytes, path: bytes, headers: Headers, client_ip: str
+    policy: Policy, target: bytes, path: bytes, headers: HeaderFields, client_ip: str
 ) -> bytes | None:
     """The balancing key of a policy other than ``user``: None for round
     robin (and single)."""
     if policy is Policy.ROOM:
         return room_key(path) or target
     if policy is Policy.ORIGIN:
-        return (
-            xmatrix_origin(headers.getRawHeaders(b"authorization"))
-            or client_ip.encode()
-        )
+        return xmatrix_origin(headers.values(b"authorization")) or client_ip.encode()
     if policy is Policy.URI:
         return target
     if policy is Policy.SOURCE_IP:

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.web.http_headers import Headers
 
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.routes import MAIN, Route
@@ -23,6 +22,7 @@ from matrix_edge.pools.dispatch import (
 )
 from matrix_edge.pools.table import shipped_table
 from matrix_edge.pools.whoami import token_digest
+from matrix_edge.server.fields import HeaderFields
 
 
 def dispatcher_for(config: EdgeConfig, reactor: Any) -> Dispatcher:
@@ -80,11 +80,11 @@ def explain_route(
     if problem is not None:
         return f"{method} {target}\n  refused before routing: {problem}\n"
     path = split_target(raw_target)[0]
-    headers = Headers()
+    headers = HeaderFields([])
     if token is not None:
-        headers.addRawHeader(b"Authorization", b"Bearer " + token.encode())
+        headers.add(b"Authorization", b"Bearer " + token.encode())
     if origin is not None:
-        headers.addRawHeader(
+        headers.add(
             b"Authorization", b'X-Matrix origin="%s",key="-",sig="-"' % origin.encode()
         )
     facts = RequestFacts(

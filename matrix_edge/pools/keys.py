@@ -10,9 +10,8 @@ import re
 from collections.abc import Sequence
 from urllib.parse import unquote_to_bytes
 
-from twisted.web.http_headers import Headers
-
 from matrix_edge.http.target import parse_query
+from matrix_edge.server.fields import HeaderFields
 
 # The path segment naming a room (or a room alias, or a user for profiles).
 _ROOM_SEGMENT = re.compile(rb"/(?:rooms|join|knock|profile)/([^/?]+)")
@@ -25,10 +24,10 @@ _ORIGIN = re.compile(
 _QUOTED_PAIR = re.compile(rb"\\(.)")
 
 
-def access_token(headers: Headers, query: bytes) -> bytes | None:
+def access_token(headers: HeaderFields, query: bytes) -> bytes | None:
     """The request's access token, from ``Authorization: Bearer`` or the
     legacy ``access_token`` query parameter."""
-    for value in headers.getRawHeaders(b"authorization") or ():
+    for value in headers.values(b"authorization") or ():
         m = _BEARER.match(value)
         if m:
             return m.group(1)

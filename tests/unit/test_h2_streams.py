@@ -15,7 +15,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from matrix_edge.http.site import LOCAL_BODY_LIMIT
+from matrix_edge.server.request import LOCAL_BODY_LIMIT
 from tests.h2_harness import H2Harness
 
 ErrorCodes = h2.errors.ErrorCodes

@@ -17,7 +17,6 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 
 from matrix_edge.config.edge import parse_config
 from matrix_edge.config.routes import MAIN, Policy
@@ -44,6 +43,7 @@ from matrix_edge.pools.whoami import (
     WhoamiCache,
     token_digest,
 )
+from matrix_edge.server.fields import HeaderFields
 
 # Rendezvous hashing
 
@@ -115,11 +115,8 @@ def test_adding_a_member_moves_keys_only_to_it():
 # The keys requests are balanced by
 
 
-def _headers(*authorization: bytes) -> Headers:
-    headers = Headers()
-    for value in authorization:
-        headers.addRawHeader(b"Authorization", value)
-    return headers
+def _headers(*authorization: bytes) -> HeaderFields:
+    return HeaderFields([(b"Authorization", value) for value in authorization])
 
 
 @pytest.mark.parametrize(
@@ -216,7 +213,7 @@ def test_room_key_escaped_and_unescaped_are_equal():
 )
 def test_xmatrix_origin(authorization, expected):
     assert xmatrix_origin(authorization) == expected
-    assert xmatrix_origin(_headers(*authorization).getRawHeaders(b"authorization")) == (
+    assert xmatrix_origin(_headers(*authorization).values(b"authorization")) == (
         expected
     )
 
@@ -1115,7 +1112,7 @@ def test_single_pools_take_their_one_member():
 
 
 def test_an_escaped_parameter_name_still_names_the_token():
-    headers = Headers()
+    headers = HeaderFields([])
     assert access_token(headers, b"since=s&access%5Ftoken=syt_x") == b"syt_x"
 
 

@@ -13,8 +13,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 
 from matrix_edge.config.edge import parse_config
-from matrix_edge.http.site import LINGER_SECONDS, EdgeSite
 from matrix_edge.http.upstream import Upstream
+from matrix_edge.server.request import LINGER_SECONDS
+from matrix_edge.server.site import EdgeSite
 
 
 @attrs.define
@@ -80,7 +81,7 @@ def test_request_bytes_and_response_relayed():
         b"Host: hs.example:8443\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
     )
     upstream = h.connect_upstream()
-    request_id = h.channel.requests[0].request_id.encode()
+    request_id = h.channel._request.request_id.encode()
     assert upstream.value() == (
         b"GET /_matrix/client/v3/rooms/%21r%3Ah/x? HTTP/1.1\r\n"
         b"Host: hs.example:8443\r\n"
@@ -90,7 +91,7 @@ def test_request_bytes_and_response_relayed():
     )
     h.upstream_says(OK)
     assert h.response().startswith(b"HTTP/1.1 200 OK\r\n")
-    assert b"\r\nX-Request-Id: " + request_id + b"\r\n" in h.response()
+    assert b"\r\nX-Request-ID: " + request_id + b"\r\n" in h.response()
     assert h.response().endswith(b"\r\n\r\n{}")
     assert not h.client.disconnecting
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from twisted.web.http_headers import Headers
 
 from matrix_edge.http.accesslog import redact_target
 from matrix_edge.http.headers import (
@@ -14,6 +13,7 @@ from matrix_edge.http.headers import (
     upstream_request_headers,
 )
 from matrix_edge.http.target import check_target, path_has_prefix, split_target
+from matrix_edge.server.fields import HeaderFields
 
 
 @pytest.mark.parametrize(
@@ -119,15 +119,16 @@ def test_filter_headers_keeps_repeats_and_drops_hop_by_hop():
 
 
 def test_upstream_headers_replace_forwarding_headers():
-    client = Headers(
-        {
-            b"Host": [b"hs:8443"],
-            b"X-Forwarded-For": [b"1.1.1.1", b"2.2.2.2"],
-            b"X-Forwarded-Proto": [b"http"],
-            b"Forwarded": [b"for=1.1.1.1"],
-            b"X-Real-IP": [b"1.1.1.1"],
-            b"Expect": [b"100-continue"],
-        }
+    client = HeaderFields(
+        [
+            (b"Host", b"hs:8443"),
+            (b"X-Forwarded-For", b"1.1.1.1"),
+            (b"X-Forwarded-For", b"2.2.2.2"),
+            (b"X-Forwarded-Proto", b"http"),
+            (b"Forwarded", b"for=1.1.1.1"),
+            (b"X-Real-IP", b"1.1.1.1"),
+            (b"Expect", b"100-continue"),
+        ]
     )
     out = upstream_request_headers(
         client, b"203.0.113.1", b"https", request_id=(b"X-Request-ID", b"abc")

@@ -1,0 +1,464 @@
+"""HTTP/1.1 client connections, parsed by llhttp (``httptools``).
+
+llhttp is Node's parser, strict about framing: it refuses what request
+smuggling is made of (two ``Content-Length`` headers, ``Content-Length``
+beside ``Transfer-Encoding``, bad chunk sizes, bare line feeds). On top of
+it this module refuses what the edge cannot forward faithfully: a transfer
+coding other than ``chunked`` alone, an upgrade that carries a body, heads
+beyond the size limits.
+
+One request is answered at a time. Requests a client pipelines behind the
+one being answered are parsed (llhttp parses whatever it is given) and held,
+with the little body that came in the same read, while reading from the
+socket pauses; each starts when the one before it is done.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
+from typing import Protocol as TypingProtocol
+
+import httptools
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from matrix_edge.http import errors
+from matrix_edge.http.errors import MatrixError, closing_response
+from matrix_edge.server.fields import Field, HeaderFields
+from matrix_edge.server.request import EdgeRequest
+from matrix_edge.server.sockets import set_no_delay
+
+if TYPE_CHECKING:
+    from matrix_edge.server.site import EdgeSite
+
+# The most a request head may take, all fields together, and any one field:
+# nginx's default buffers allow 32 KiB and 8 KiB. Beyond them: 431.
+MAX_HEAD_SIZE = 64 * 1024
+MAX_FIELD_SIZE = 16 * 1024
+MAX_FIELDS = 256
+# Longer targets get 414 here already; routing's own limit is lower.
+MAX_TARGET_SIZE = 16 * 1024
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+_HEAD = b"HEAD"
+
+log = Logger()
+
+
+class _Transport(TypingProtocol):
+    """What the connection uses of Twisted's TCP and TLS transports."""
+
+    def write(self, data: bytes) -> None: ...
+    def writeSequence(self, data: Iterable[bytes]) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def getHost(self) -> Any: ...
+    def getPeer(self) -> Any: ...
+
+
+class _Refused(Exception):
+    """Raised in a parser callback: the head cannot be taken."""
+
+    def __init__(self, error: MatrixError):
+        self.error = error
+
+
+def _too_large(what: str) -> _Refused:
+    return _Refused(MatrixError(431, "M_UNKNOWN", f"{what} too large"))
+
+
+class _Queued:
+    """A request parsed while another is answered, and what came of its
+    body meanwhile."""
+
+    __slots__ = ("chunks", "ended", "expects_continue", "keep_alive", "request")
+
+    def __init__(self, request: EdgeRequest, keep_alive: bool, expects: bool):
+        self.request = request
+        self.keep_alive = keep_alive
+        self.expects_continue = expects
+        self.chunks: list[bytes] = []
+        self.ended = False
+
+
+# Where the parser is in the message it reads.
+_BETWEEN, _HEAD_PART, _BODY = range(3)
+
+
+class HTTP11Connection(Protocol):
+    """One client connection; see the module docstring. It is also the
+    client side (L{matrix_edge.server.request.ClientSide}) of the request
+    it is answering."""
+
+    lingers = True
+    _out: _Transport
+    """The transport, typed for what is used of it."""
+
+    def __init__(self, site: EdgeSite):
+        self._site = site
+        self._parser = httptools.HttpRequestParser(self)
+        self._peer = ""
+        self._state = _BETWEEN
+        self._target = b""
+        self._fields: list[Field] = []
+        self._lower: list[bytes] = []
+        self._head_size = 0
+        self._request: EdgeRequest | None = None
+        """The request being answered."""
+        self._keep_alive = True
+        """Whether the connection goes on after the current response."""
+        self._parsing: _Queued | None = None
+        """A pipelined request whose body is being parsed, while another is
+        answered."""
+        self._queue: deque[_Queued] = deque()
+        self._closing = False
+        """No further request is read: the last one said so, or the input
+        is broken."""
+        self._broken: MatrixError | None = None
+        """The answer to input that could not be parsed, due once the
+        requests before it are answered."""
+        self._paused_for: set[str] = set()
+        self._chunked = False
+        self._framed = False
+
+    # Connection events -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        out = self._out = cast(_Transport, self.transport)
+        set_no_delay(out)
+        self._site.idle.start(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._state != _BODY and self._request is None:
+            # A request head is arriving with nothing else going on: it
+            # must be complete in time.
+            site = self._site
+            site.idle.stop(self)
+            site.header_deadlines.start(self)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # A head that asked for an upgrade (h2c, websocket) is an
+            # ordinary request to the edge (Upgrade is hop-by-hop, and such
+            # heads carry no body): parsing starts again after it.
+            self._parser = httptools.HttpRequestParser(self)
+            rest = data[upgrade.args[0] :]
+            if rest:
+                self.dataReceived(rest)
+        except httptools.HttpParserCallbackError as failed:
+            refused = failed.__context__
+            if not isinstance(refused, _Refused):
+                raise
+            self._unparseable(refused.error)
+        except httptools.HttpParserError as failed:
+            self._unparseable(errors.bad_request(f"Malformed HTTP request ({failed})"))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        site = self._site
+        site.header_deadlines.stop(self)
+        site.idle.stop(self)
+        self._closing = True
+        self._queue.clear()
+        self._parsing = None
+        request, self._request = self._request, None
+        if request is not None:
+            request.connection_lost(reason)
+
+    def headers_too_slow(self) -> None:
+        """The header deadline passed: see HeaderDeadlines."""
+        if self._closing:
+            return
+        log.info(
+            "Closing a connection from {peer}: no complete request headers in "
+            "{seconds}s",
+            peer=self._peer,
+            seconds=self._site.config.timeouts.request_headers,
+        )
+        self._close_with(MatrixError(408, "M_UNKNOWN", "Request headers took too long"))
+
+    def idle_too_long(self) -> None:
+        """No request for ``timeouts.client_idle``: the connection closes."""
+        self._close()
+
+    # llhttp's callbacks --------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._state = _HEAD_PART
+        self._target = b""
+        self._fields = []
+        self._lower = []
+        self._head_size = 0
+
+    def on_url(self, part: bytes) -> None:
+        self._target += part
+        if len(self._target) > MAX_TARGET_SIZE:
+            raise _Refused(MatrixError(414, "M_UNKNOWN", "Request target too long"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value)
+        self._head_size += size
+        if size > MAX_FIELD_SIZE:
+            raise _too_large("A header field")
+        if self._head_size > MAX_HEAD_SIZE:
+            raise _too_large("The request head")
+        if len(self._fields) >= MAX_FIELDS:
+            raise _Refused(MatrixError(431, "M_UNKNOWN", "Too many header fields"))
+        self._fields.append((name, value))
+        self._lower.append(name.lower())
+
+    def on_headers_complete(self) -> None:
+        self._state = _BODY
+        site = self._site
+        site.header_deadlines.stop(self)
+        parser = self._parser
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            raise _Refused(
+                MatrixError(505, "M_UNKNOWN", "Only HTTP/1.1 and HTTP/1.0 are served")
+            )
+        fields = HeaderFields(self._fields, self._lower)
+        length = self._body_length(fields)
+        if length != 0 and parser.should_upgrade():
+            raise _Refused(errors.bad_request("An upgrade request cannot carry a body"))
+        if not self._peer:
+            # Known by now behind a PROXY protocol header too.
+            self._peer = getattr(self._out.getPeer(), "host", "")
+        if version is not _VERSIONS["1.1"] and b"host" not in fields:
+            fields.add(b"Host", self._default_host())
+        request = EdgeRequest(
+            site,
+            self,
+            parser.get_method(),
+            self._target,
+            version,
+            fields,
+            length,
+            self._peer,
+        )
+        keep_alive = parser.should_keep_alive()
+        expects = (
+            length != 0
+            and version is _VERSIONS["1.1"]
+            and (fields.first(b"expect") or b"").lower() == b"100-continue"
+        )
+        if self._request is None:
+            self._request = request
+            self._keep_alive = keep_alive
+            self._begin(request, expects)
+        else:
+            queued = self._parsing = _Queued(request, keep_alive, expects)
+            self._queue.append(queued)
+            self._pause("pipeline")
+
+    def on_body(self, data: bytes) -> None:
+        queued = self._parsing
+        if queued is not None:
+            queued.chunks.append(data)
+        elif self._request is not None:
+            self._request.body_chunk(data)
+
+    def on_message_complete(self) -> None:
+        self._state = _BETWEEN
+        queued = self._parsing
+        if queued is not None:
+            queued.ended = True
+            self._parsing = None
+        elif self._request is not None:
+            self._request.body_ended()
+        if not self._parser.should_keep_alive():
+            # Whatever follows is not read: the connection closes after
+            # the response.
+            self._closing = True
+
+    # The request's client side ---------------------------------------------------
+
+    def send_head(
+        self, code: int, phrase: bytes, headers: list[Field], length: int | None
+    ) -> None:
+        request = self._request
+        assert request is not None
+        http11 = request.clientproto is _VERSIONS["1.1"]
+        parts = [request.clientproto, b" %d " % code, phrase, b"\r\n"]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        bodiless = request.method == _HEAD or code in (204, 304) or code < 200
+        self._chunked = False
+        if length is not None:
+            if code != 204:
+                parts.append(b"Content-Length: %d\r\n" % length)
+        elif not bodiless:
+            if http11:
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+                self._chunked = True
+            else:
+                # Delimited by the connection's end.
+                self._keep_alive = False
+        self._framed = self._chunked or length is not None or bodiless
+        if not self._keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif not http11:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self._out.write(b"".join(parts))
+
+    def send_data(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._chunked:
+            self._out.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self._out.write(data)
+
+    def send_end(self) -> None:
+        if self._chunked:
+            self._out.write(_LAST_CHUNK)
+
+    def done(self) -> None:
+        self._request = None
+        if not self._keep_alive:
+            self._close()
+        elif self._queue:
+            self._next(self._queue.popleft())
+        elif self._broken is not None:
+            self._close_with(self._broken)
+        elif self._closing:
+            self._close()
+        else:
+            self._site.idle.start(self)
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        self._out.registerProducer(producer, True)
+
+    def unregister_producer(self) -> None:
+        self._out.unregisterProducer()
+
+    def pause_reading(self) -> None:
+        self._pause("body")
+
+    def resume_reading(self) -> None:
+        self._resume("body")
+
+    def close_after_response(self) -> None:
+        self._keep_alive = False
+
+    def stop_lingering(self) -> None:
+        self._close()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._out.abortConnection()
+
+    def cut_short(self) -> None:
+        # A framed response (chunked, or with a length) cut short by an
+        # orderly close keeps what was sent readable, and is visibly
+        # incomplete; an unframed one needs a reset, or its end would look
+        # like the end of the body.
+        if self._framed:
+            self._close()
+        else:
+            self.abort()
+
+    # Internals -------------------------------------------------------------------
+
+    def _begin(self, request: EdgeRequest, expects_continue: bool) -> None:
+        request.start()
+        if expects_continue and request.wants_body and not request.started_writing:
+            self._out.write(_CONTINUE)
+
+    def _next(self, queued: _Queued) -> None:
+        """Start a request that waited behind the one just done."""
+        request = self._request = queued.request
+        self._keep_alive = queued.keep_alive
+        if self._parsing is queued:
+            self._parsing = None
+        if not self._queue:
+            self._resume("pipeline")
+        self._begin(request, queued.expects_continue)
+        for chunk in queued.chunks:
+            if self._request is not request:
+                return
+            request.body_chunk(chunk)
+        if queued.ended and self._request is request:
+            request.body_ended()
+
+    def _body_length(self, fields: HeaderFields) -> int | None:
+        """The body's length from the framing headers (None: chunked),
+        refusing what the edge will not forward."""
+        if b"transfer-encoding" in fields:
+            codings = fields.values(b"transfer-encoding")
+            if len(codings) != 1 or codings[0].strip().lower() != b"chunked":
+                raise _Refused(
+                    errors.bad_request("Only Transfer-Encoding: chunked is accepted")
+                )
+            return None
+        length = fields.first(b"content-length")
+        if length is None:
+            return 0
+        # llhttp accepted it: digits only, and only one.
+        return int(length)
+
+    def _default_host(self) -> bytes:
+        """A Host header for HTTP/1.0 requests sent without one: the address
+        the client connected to."""
+        host = self._out.getHost()
+        address = getattr(host, "host", "localhost")
+        if ":" in address:
+            address = f"[{address}]"
+        return f"{address}:{getattr(host, 'port', 0)}".encode("ascii")
+
+    def _unparseable(self, error: MatrixError) -> None:
+        """The input cannot be parsed further: nothing more is read, and
+        ``error`` is the answer once the requests before it are answered."""
+        was_closing, self._closing = self._closing, True
+        self._site.header_deadlines.stop(self)
+        self._pause("broken")
+        if was_closing:
+            # Bytes after a request that ended the connection: not read.
+            return
+        request = self._request
+        if request is None:
+            self._close_with(error)
+        elif self._state == _BODY and self._parsing is None:
+            # The body of the request being answered is broken: it cannot
+            # be forwarded whole, so its exchange ends here.
+            answered = request.started_writing
+            request.connection_lost(Failure(ConnectionError(error.msg)))
+            self._request = None
+            if answered:
+                self.abort()
+            else:
+                self._close_with(error)
+        else:
+            self._broken = error
+
+    def _close_with(self, error: MatrixError) -> None:
+        self._out.write(closing_response(error, self._site.server_header))
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._out.loseConnection()
+
+    def _pause(self, reason: str) -> None:
+        if not self._paused_for:
+            self._out.pauseProducing()
+        self._paused_for.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        paused = self._paused_for
+        if reason in paused:
+            paused.discard(reason)
+            if not paused:
+                self._out.resumeProducing()
