@@ -85,8 +85,9 @@ class RequestBody:
             self._consumer.write(data)
 
     def finish(self) -> None:
-        """The client's body is complete."""
+        """The client's body is complete: nothing more is held back for it."""
         self._complete = True
+        self._reading.release_all()
         if self._done is not None:
             done, self._done = self._done, None
             done.callback(None)

@@ -327,6 +327,8 @@ class HTTP11Connection(Protocol):
 
     def done(self) -> None:
         self._request = None
+        # Back-pressure on its body ends with the request.
+        self._resume("body")
         if not self._keep_alive:
             self._close()
         elif self._queue:

@@ -381,3 +381,19 @@ def test_the_header_deadline_restarts_with_each_request():
         h.clock.advance(25)
     assert h.response().count(b"HTTP/1.1 200 OK") == 3
     assert not h.client.disconnecting
+
+
+def test_reading_resumes_for_the_next_request_after_a_paused_upload():
+    """Synapse's connection paused the upload just before its end: the
+    client connection must still be read for its next request."""
+    h = make_harness()
+    h.send(
+        b"PUT /_matrix/client/v3/x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nab"
+    )
+    upstream = h.connect_upstream()
+    upstream.producer.pauseProducing()
+    assert h.client.producerState == "paused"
+    h.send(b"cd")
+    h.upstream_says(OK)
+    assert h.response().endswith(b"\r\n\r\n{}")
+    assert h.client.producerState == "producing"
