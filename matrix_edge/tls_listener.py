@@ -21,10 +21,11 @@ from typing import Any
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from matrix_edge.http.errors import MatrixError, closing_response
+from matrix_edge.twisted_private import write_eagerly
 
 log = Logger()
 
@@ -45,10 +46,16 @@ def _starts_plain_http(first: int) -> bool:
     return 0x41 <= first <= 0x5A
 
 
-class _HTTPSOnlyProtocol(BufferingTLSTransport):
+class _HTTPSOnlyProtocol(TLSMemoryBIOProtocol):
     """Twisted's TLS protocol, but for the first bytes: plain HTTP is
     answered past TLS, then read and dropped until the client closes, for
-    at most L{DRAIN_SECONDS} and L{DRAIN_BYTES}."""
+    at most L{DRAIN_SECONDS} and L{DRAIN_BYTES}.
+
+    Not Twisted's buffering variant, which holds small writes for a turn
+    of the reactor with a timer: both HTTP protocols write a response's
+    bytes in one go already. Records go to the socket at once
+    (L{write_eagerly}).
+    """
 
     factory: HTTPSOnlyFactory
 
@@ -58,6 +65,10 @@ class _HTTPSOnlyProtocol(BufferingTLSTransport):
         self.dataReceived = self._first_bytes  # type: ignore[method-assign]
         self._drained = 0
         self._drain_timer: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        write_eagerly(transport)
+        super().makeConnection(transport)
 
     def _first_bytes(self, data: bytes) -> None:
         if not data:

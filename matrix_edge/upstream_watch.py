@@ -164,6 +164,9 @@ class _CheckOutcome:
     def response_data(self, data: bytes) -> None:
         pass
 
+    def response_flush(self) -> None:
+        pass
+
     def response_end(self, complete: bool, reason: str) -> None:
         if not complete:
             self._settle(f"response broken off: {reason}")

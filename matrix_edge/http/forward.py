@@ -202,6 +202,9 @@ class Forwarding:
         self._request.write(data)
         self._touch()
 
+    def response_flush(self) -> None:
+        self._request.flush()
+
     def response_end(self, complete: bool, reason: str) -> None:
         self._exchange = None
         self._release()

@@ -248,6 +248,9 @@ class UpstreamExchange:
     def response_data(self, data: bytes) -> None:
         self._handler.response_data(data)
 
+    def response_flush(self) -> None:
+        self._handler.response_flush()
+
     def response_end(self, complete: bool, reason: str) -> None:
         self._handler.response_end(complete, reason)
 

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from matrix_edge.http.body import RequestBody
 from matrix_edge.server.sockets import set_no_delay
+from matrix_edge.twisted_private import write_eagerly
 
 HeaderList = list[tuple[bytes, bytes]]
 
@@ -42,6 +43,10 @@ class ResponseHandler(TypingProtocol):
     ) -> None: ...
 
     def response_data(self, data: bytes) -> None: ...
+
+    def response_flush(self) -> None:
+        """One read of the response has been relayed, and more is to come:
+        what the client side holds of it should go out now."""
 
     def response_end(self, complete: bool, reason: str) -> None: ...
 
@@ -98,6 +103,7 @@ class UpstreamConnection(Protocol):
 
     def connectionMade(self) -> None:
         set_no_delay(self.transport)
+        write_eagerly(self.transport)
 
     # Sending -----------------------------------------------------------
 
@@ -200,6 +206,8 @@ class UpstreamConnection(Protocol):
             if self._method == b"HEAD":
                 self._end_head_only(data)
             self._finish_response()
+        elif self._handler is not None:
+            self._handler.response_flush()
 
     def _end_head_only(self, data: bytes) -> None:
         """After the response to a HEAD: llhttp, which cannot be told the

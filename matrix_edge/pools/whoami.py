@@ -157,6 +157,9 @@ class _WhoamiAnswer:
         if self._size <= MAX_ANSWER:
             self._body.append(data)
 
+    def response_flush(self) -> None:
+        pass
+
     def response_end(self, complete: bool, reason: str) -> None:
         if not complete or self._size > MAX_ANSWER:
             self._settle(None, f"answer broken off or too large: {reason}")

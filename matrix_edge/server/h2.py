@@ -105,6 +105,11 @@ class H2Settings:
     request already went upstream for it (rapid reset, CVE-2023-44487)."""
 
 
+# Queued response data that is sent without waiting for a flush: one DATA
+# frame of the default size.
+FLUSH_SIZE = 16 * 1024
+
+
 class StreamHandler(TypingProtocol):
     """What handles one stream's request (see H2Stream for the answer)."""
 
@@ -182,13 +187,22 @@ class H2Stream:
         self._head = [(b":status", b"%d" % status), *headers]
 
     def send_data(self, data: bytes) -> None:
+        """Queue response data. It goes out at L{flush} or L{end}, or once
+        a frame's worth is queued, so that one read of Synapse's response
+        becomes one write."""
         if self.closed or self._end_pending or not data:
             return
         self._outbox.append(data)
         self._outbox_size += len(data)
-        self._connection.flush_stream(self)
+        if self._outbox_size >= FLUSH_SIZE:
+            self._connection.flush_stream(self)
         if self._outbox_size > OUTBOX_HIGH and self._producer is not None:
             self._pause_producer()
+
+    def flush(self) -> None:
+        """Send what is queued, as the windows allow."""
+        if not self.closed and self._outbox:
+            self._connection.flush_stream(self)
 
     def end(self) -> None:
         """The response is complete."""

@@ -100,6 +100,9 @@ class H2RequestHandler:
     def send_end(self) -> None:
         self.stream.end()
 
+    def flush(self) -> None:
+        self.stream.flush()
+
     def done(self) -> None:
         pass
 

@@ -31,6 +31,7 @@ from matrix_edge.http.errors import MatrixError, closing_response
 from matrix_edge.server.fields import Field, HeaderFields
 from matrix_edge.server.request import EdgeRequest
 from matrix_edge.server.sockets import set_no_delay
+from matrix_edge.twisted_private import write_eagerly
 
 if TYPE_CHECKING:
     from matrix_edge.server.site import EdgeSite
@@ -42,6 +43,11 @@ MAX_FIELD_SIZE = 16 * 1024
 MAX_FIELDS = 256
 # Longer targets get 414 here already; routing's own limit is lower.
 MAX_TARGET_SIZE = 16 * 1024
+
+# Response bytes held before they are written: the head waits for the first
+# body bytes, and what one read of Synapse's response brought goes out in
+# one write, unless it is more than this.
+HOLD_LIMIT = 64 * 1024
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -71,6 +77,10 @@ class _Refused(Exception):
 
     def __init__(self, error: MatrixError):
         self.error = error
+
+
+class _Ignored(Exception):
+    """Raised in a parser callback: what follows is not read."""
 
 
 def _too_large(what: str) -> _Refused:
@@ -113,6 +123,8 @@ class HTTP11Connection(Protocol):
         self._fields: list[Field] = []
         self._lower: list[bytes] = []
         self._head_size = 0
+        self._head_received = 0
+        self._advancing = False
         self._request: EdgeRequest | None = None
         """The request being answered."""
         self._keep_alive = True
@@ -130,12 +142,15 @@ class HTTP11Connection(Protocol):
         self._paused_for: set[str] = set()
         self._chunked = False
         self._framed = False
+        self._held: list[bytes] = []
+        self._held_size = 0
 
     # Connection events -------------------------------------------------------
 
     def connectionMade(self) -> None:
         out = self._out = cast(_Transport, self.transport)
         set_no_delay(out)
+        write_eagerly(out)
         self._site.idle.start(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -147,23 +162,35 @@ class HTTP11Connection(Protocol):
             site = self._site
             site.idle.stop(self)
             site.header_deadlines.start(self)
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            # A head that asked for an upgrade (h2c, websocket) is an
-            # ordinary request to the edge (Upgrade is hop-by-hop, and such
-            # heads carry no body): parsing starts again after it.
-            self._parser = httptools.HttpRequestParser(self)
-            rest = data[upgrade.args[0] :]
-            if rest:
-                self.dataReceived(rest)
-        except httptools.HttpParserCallbackError as failed:
-            refused = failed.__context__
-            if not isinstance(refused, _Refused):
-                raise
-            self._unparseable(refused.error)
-        except httptools.HttpParserError as failed:
-            self._unparseable(errors.bad_request(f"Malformed HTTP request ({failed})"))
+        while data:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                # A head that asked for an upgrade (h2c, websocket) is an
+                # ordinary request to the edge (Upgrade is hop-by-hop, and
+                # such heads carry no body): parsing starts again after it.
+                self._parser = httptools.HttpRequestParser(self)
+                data = data[upgrade.args[0] :]
+                if self._closing:
+                    return
+                continue
+            except httptools.HttpParserCallbackError as failed:
+                stopped = failed.__context__
+                if isinstance(stopped, _Refused):
+                    self._unparseable(stopped.error)
+                elif not isinstance(stopped, _Ignored):
+                    raise
+            except httptools.HttpParserError as failed:
+                self._unparseable(
+                    errors.bad_request(f"Malformed HTTP request ({failed})")
+                )
+            break
+        if self._state == _HEAD_PART and not self._closing:
+            # llhttp holds an unfinished field without bound: the head's
+            # size is also counted as it arrives.
+            self._head_received += len(data)
+            if self._head_received > MAX_HEAD_SIZE:
+                self._unparseable(_too_large("The request head").error)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         site = self._site
@@ -195,6 +222,10 @@ class HTTP11Connection(Protocol):
     # llhttp's callbacks --------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._closing:
+            # After a request that closes the connection, nothing more is
+            # parsed, let alone forwarded.
+            raise _Ignored()
         self._state = _HEAD_PART
         self._target = b""
         self._fields = []
@@ -220,6 +251,7 @@ class HTTP11Connection(Protocol):
 
     def on_headers_complete(self) -> None:
         self._state = _BODY
+        self._head_received = 0
         site = self._site
         site.header_deadlines.stop(self)
         parser = self._parser
@@ -311,34 +343,42 @@ class HTTP11Connection(Protocol):
         elif not http11:
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        self._out.write(b"".join(parts))
+        head = b"".join(parts)
+        self._held = [head]
+        self._held_size = len(head)
 
     def send_data(self, data: bytes) -> None:
         if not data:
             return
+        held = self._held
         if self._chunked:
-            self._out.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            held.append(b"%x\r\n" % len(data))
+            held.append(data)
+            held.append(b"\r\n")
         else:
-            self._out.write(data)
+            held.append(data)
+        self._held_size += len(data)
+        if self._held_size > HOLD_LIMIT:
+            self.flush()
 
     def send_end(self) -> None:
         if self._chunked:
-            self._out.write(_LAST_CHUNK)
+            self._held.append(_LAST_CHUNK)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what the response holds."""
+        held = self._held
+        if held:
+            self._out.write(held[0] if len(held) == 1 else b"".join(held))
+            self._held = []
+            self._held_size = 0
 
     def done(self) -> None:
         self._request = None
         # Back-pressure on its body ends with the request.
         self._resume("body")
-        if not self._keep_alive:
-            self._close()
-        elif self._queue:
-            self._next(self._queue.popleft())
-        elif self._broken is not None:
-            self._close_with(self._broken)
-        elif self._closing:
-            self._close()
-        else:
-            self._site.idle.start(self)
+        self._after_request()
 
     def register_producer(self, producer: IPushProducer) -> None:
         self._out.registerProducer(producer, True)
@@ -378,6 +418,31 @@ class HTTP11Connection(Protocol):
         request.start()
         if expects_continue and request.wants_body and not request.started_writing:
             self._out.write(_CONTINUE)
+
+    def _after_request(self) -> None:
+        """Go on after a request is done: close, start the next request
+        parsed ahead, or wait for one. A loop rather than recursion: a
+        request started here may be done at once (a refusal), and a client
+        may have pipelined hundreds."""
+        if self._advancing:
+            return  # the loop below, further up the stack, goes on
+        self._advancing = True
+        try:
+            while self._request is None:
+                if not self._keep_alive:
+                    self._close()
+                elif self._queue:
+                    self._next(self._queue.popleft())
+                    continue
+                elif self._broken is not None:
+                    self._close_with(self._broken)
+                elif self._closing:
+                    self._close()
+                else:
+                    self._site.idle.start(self)
+                return
+        finally:
+            self._advancing = False
 
     def _next(self, queued: _Queued) -> None:
         """Start a request that waited behind the one just done."""
@@ -429,10 +494,15 @@ class HTTP11Connection(Protocol):
         if was_closing:
             # Bytes after a request that ended the connection: not read.
             return
+        ahead = self._parsing
+        if ahead is not None:
+            # A request parsed ahead whose body broke: it never starts.
+            self._queue.remove(ahead)
+            self._parsing = None
         request = self._request
         if request is None:
             self._close_with(error)
-        elif self._state == _BODY and self._parsing is None:
+        elif self._state == _BODY and ahead is None:
             # The body of the request being answered is broken: it cannot
             # be forwarded whole, so its exchange ends here.
             answered = request.started_writing
@@ -451,6 +521,7 @@ class HTTP11Connection(Protocol):
 
     def _close(self) -> None:
         self._closing = True
+        self.flush()
         self._out.loseConnection()
 
     def _pause(self, reason: str) -> None:

@@ -62,6 +62,10 @@ class ClientSide(Protocol):
     def send_end(self) -> None:
         """The response is complete."""
 
+    def flush(self) -> None:
+        """Write what the side holds of the response: the end of one read
+        of Synapse's response."""
+
     def done(self) -> None:
         """The request is over, both ways: the connection may go on to
         its next request."""
@@ -240,6 +244,10 @@ class EdgeRequest:
             return
         self.sent_length += len(data)
         self.side.send_data(data)
+
+    def flush(self) -> None:
+        if not self.is_disconnected:
+            self.side.flush()
 
     def register_producer(self, producer: IPushProducer) -> None:
         if not self.is_disconnected:

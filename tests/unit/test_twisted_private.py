@@ -13,3 +13,31 @@ def test_twistd_builds_its_default_observer(tmp_path):
         {"logfile": str(tmp_path / "twistd.log"), "nodaemon": True}
     )
     assert callable(observer)
+
+
+def test_tcp_connections_keep_the_send_buffer_write_eagerly_reads():
+    """write_eagerly reads these attributes of Twisted's TCP connection."""
+    import socket
+
+    from twisted.internet import tcp
+
+    from matrix_edge.twisted_private import write_eagerly
+
+    class Shell(tcp.Connection):
+        def __init__(self, sock: socket.socket) -> None:
+            super().__init__(sock, protocol=None)
+            self.connected = 1
+
+    left, right = socket.socketpair()
+    try:
+        connection = Shell(left)
+        for name in ("_tempDataBuffer", "offset", "dataBuffer", "disconnecting"):
+            assert hasattr(connection, name), name
+        write_eagerly(connection)
+        connection.write(b"sent at once")
+        assert right.recv(100) == b"sent at once"
+        connection.writeSequence([b"a", b"b"])
+        assert right.recv(100) == b"ab"
+    finally:
+        left.close()
+        right.close()

@@ -29,6 +29,9 @@ class Recorder:
         else:
             self.events.append(("data", data))
 
+    def response_flush(self):
+        pass
+
     def response_end(self, complete, reason):
         self.events.append(("end", complete))
 
