@@ -12,6 +12,7 @@ import datetime
 import ipaddress
 import os
 import signal
+import ssl
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -77,6 +78,8 @@ class _LoadedCertificate:
     """One ready-to-use server context and the chain it serves."""
 
     context: SSL.Context
+    ssl_context: ssl.SSLContext
+    """The same, for the standard library's TLS, which the listeners use."""
     chain: tuple[x509.Certificate, ...]
     chain_path: str
     names: tuple[str, ...]
@@ -165,10 +168,37 @@ def _check_key_matches(
     )
 
 
+def _ssl_context(
+    chain_path: str, key_path: str, alpn_protocols: Sequence[bytes]
+) -> ssl.SSLContext:
+    """The standard library's context with the same settings as the OpenSSL
+    one: TLS 1.2 floor, the cipher list, no compression or renegotiation,
+    server cipher preference, ALPN in server preference order (a client
+    offering none of them gets no ALPN answer)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= (
+        ssl.OP_NO_COMPRESSION
+        | ssl.OP_CIPHER_SERVER_PREFERENCE
+        | ssl.OP_NO_RENEGOTIATION
+    )
+    context.set_ciphers(TLS12_CIPHERS.decode("ascii"))
+    try:
+        context.load_cert_chain(chain_path, key_path)
+    except (OSError, ssl.SSLError) as e:
+        raise TLSConfigError(
+            f"OpenSSL rejected certificate {chain_path} with key {key_path}: {e}"
+        ) from None
+    if alpn_protocols:
+        context.set_alpn_protocols([p.decode("ascii") for p in alpn_protocols])
+    return context
+
+
 def _load_certificate(
     chain_path: str,
     key_path: str,
     select_alpn: Callable[[SSL.Connection, list[bytes]], Any] | None,
+    alpn_protocols: Sequence[bytes] = (),
 ) -> _LoadedCertificate:
     """Read a PEM chain and key and build a server context serving them."""
     chain = _load_chain(chain_path)
@@ -197,6 +227,7 @@ def _load_certificate(
         context.set_alpn_select_callback(select_alpn)
     return _LoadedCertificate(
         context=context,
+        ssl_context=_ssl_context(chain_path, key_path, alpn_protocols),
         chain=chain,
         chain_path=chain_path,
         names=_server_names(chain[0]),
@@ -251,6 +282,7 @@ class _CertificateSet:
         if len(self.certificates) > 1:
             # Must happen before any connection uses the context.
             self.default.context.set_tlsext_servername_callback(self._on_servername)
+            self.default.ssl_context.sni_callback = self._on_sni
 
     def select(self, server_name: str | None) -> _LoadedCertificate:
         """The certificate for a client asking for C{server_name}."""
@@ -280,6 +312,13 @@ class _CertificateSet:
         certificate = self.select(server_name)
         if certificate is not self.default:
             connection.set_context(certificate.context)
+
+    def _on_sni(
+        self, connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext
+    ) -> None:
+        certificate = self.select(server_name)
+        if certificate is not self.default:
+            connection.context = certificate.ssl_context
 
 
 def _describe_certificate(cert: x509.Certificate) -> str:
@@ -424,7 +463,9 @@ class ServerTLS:
         loaded = []
         for index, (chain_path, key_path) in enumerate(self.certificate_files):
             try:
-                certificate = _load_certificate(chain_path, key_path, select_alpn)
+                certificate = _load_certificate(
+                    chain_path, key_path, select_alpn, self.alpn_protocols
+                )
             except TLSConfigError as e:
                 e.certificate_index = index
                 raise
@@ -503,6 +544,15 @@ class ServerTLS:
         self._current = loaded
         self._log_loaded()
         return True
+
+    def server_side(
+        self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
+    ) -> ssl.SSLObject:
+        """The standard library's TLS for one accepted TCP connection, with
+        the certificates current now."""
+        return self._current.default.ssl_context.wrap_bio(
+            incoming, outgoing, server_side=True
+        )
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         """Create the OpenSSL connection for one accepted TCP connection."""

@@ -32,7 +32,6 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from matrix_edge.config._base import ConfigError
@@ -44,6 +43,7 @@ from matrix_edge.tls import (
     TLSConfigError,
     generate_self_signed,
 )
+from matrix_edge.tls_listener import HTTPSOnlyFactory
 from tests.pki import Leaf, Pki, make_pki
 
 # A client that asks for this gets the ALPN protocol the server negotiated.
@@ -103,7 +103,7 @@ async def start_server() -> AsyncIterator[Callable[[ServerTLS], _Server]]:
     def start(tls: ServerTLS) -> _Server:
         factory = _EchoFactory()
         listening = reactor.listenTCP(  # type: ignore[attr-defined]
-            0, TLSMemoryBIOFactory(tls, False, factory), interface="127.0.0.1"
+            0, HTTPSOnlyFactory(tls, factory, reactor), interface="127.0.0.1"
         )
         server = _Server(tls, listening, factory)
         servers.append(server)

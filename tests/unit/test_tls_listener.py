@@ -79,7 +79,7 @@ def test_plain_http_gets_the_answer_and_a_half_close(tmp_path):
         "errcode": "M_UNKNOWN",
         "error": "This port speaks HTTPS",
     }
-    assert protocol.wrappedProtocol.received == b""
+    assert protocol.wrapped.received == b""
     assert transport.write_closed and not transport.aborted
     # The client never closes: cut after the drain time.
     protocol.dataReceived(b"more")
