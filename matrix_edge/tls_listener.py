@@ -178,6 +178,11 @@ class TLSServerConnection(Protocol):
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
+        """Close: close_notify and TCP's FIN after what was written; then
+        what the client still sends is read and dropped until it closes
+        too, for at most L{DRAIN_SECONDS} and L{DRAIN_BYTES}. Closing the
+        socket with unread bytes in it would reset the connection, and the
+        client could lose the last response (or GOAWAY) unread."""
         if self.disconnecting or self.disconnected:
             return
         self.disconnecting = True
@@ -187,8 +192,7 @@ class TLSServerConnection(Protocol):
             with contextlib.suppress(ssl.SSLError):
                 tls.unwrap()
             self._send()
-        assert self.transport is not None
-        self.transport.loseConnection()
+        self._stop_reading_and_drain()
 
     def abortConnection(self) -> None:
         self.disconnecting = True
@@ -260,15 +264,21 @@ class TLSServerConnection(Protocol):
         # Straight onto the connection, past TLS, which never sees a byte.
         transport.write(self.factory.answer)
         self.disconnecting = True
+        self._stop_reading_and_drain()
+        self._drop(data)
+
+    def _stop_reading_and_drain(self) -> None:
+        """Send FIN after what is written; the client sees the end and
+        closes, and whatever it sends meanwhile is dropped, within bounds."""
+        transport = self.transport
+        assert transport is not None
         close_writing = getattr(transport, "loseWriteConnection", None)
         if close_writing is None:
             transport.loseConnection()
             return
-        # The client sees the end of the answer and closes; whatever it sent
-        # meanwhile is dropped, within bounds.
+        self.dataReceived = self._drop  # type: ignore[method-assign]
         close_writing()
         self._drain_timer = self.factory.clock.callLater(DRAIN_SECONDS, self._cut)
-        self._drop(data)
 
     def _drop(self, data: bytes) -> None:
         self._drained += len(data)

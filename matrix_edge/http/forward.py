@@ -7,6 +7,7 @@ pausing the other when it cannot keep up.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
@@ -37,13 +38,24 @@ if TYPE_CHECKING:
 log = Logger()
 
 
+class _Bound(enum.Enum):
+    """What the exchange's one timer bounds."""
+
+    IDLE = "body_idle"
+    RESPONSE = "upstream_response"
+
+
 class Forwarding:
     """One proxied exchange, from the client's headers to the last byte of
     Synapse's response.
 
-    Timers: while the request body arrives and the response body leaves,
-    ``body_idle`` bounds any stall; between the end of the request and the
-    response headers, ``upstream_response`` bounds Synapse's answer.
+    One timer, for whichever bound applies: while the request body arrives
+    and the response body leaves, ``body_idle`` bounds any stall; between
+    the end of the request and the response headers, ``upstream_response``
+    bounds Synapse's answer. A small response, whose head and body come in
+    one read, is never bounded by ``body_idle``: the timer armed when the
+    request was complete is cancelled when it has been relayed, and is the
+    only one the request costs.
     """
 
     # Processes tried in turn for one request when each refuses the
@@ -75,8 +87,8 @@ class Forwarding:
         self._body_size = 0
         self._exchange: UpstreamExchange | None = None
         self._responding = False
-        self._response_timer: IDelayedCall | None = None
-        self._idle_timer: IDelayedCall | None = None
+        self._timer: IDelayedCall | None = None
+        self._timer_bound: _Bound | None = None
         self._started_at = 0.0
         self.upstream_seconds: float | None = None
 
@@ -94,7 +106,7 @@ class Forwarding:
             client = request.side
             reading = ClientReading(client.pause_reading, client.resume_reading)
             self._body = RequestBody(length, reading)
-            self._arm_idle_timer()
+            self._set_timer(_Bound.IDLE)
         self._started_at = self._clock.seconds()
         self._headers = headers
         self._place(self._placed)
@@ -139,7 +151,7 @@ class Forwarding:
 
     def _refuse(self, error: errors.MatrixError) -> None:
         request = self._request
-        self._stop_idle_timer()
+        self._stop_timer()
         self._drop_body()
         if not (request.finished or request.is_disconnected):
             request.answer_early(error)
@@ -169,9 +181,8 @@ class Forwarding:
         if self._body is not None:
             self._body.finish()
         pending = self._exchange is not None or self._waiting is not None
-        if pending and not self._responding and self._response_timer is None:
-            self._stop_idle_timer()
-            self._arm_response_timer()
+        if pending and not self._responding:
+            self._set_timer(_Bound.RESPONSE)
 
     # The upstream exchange's reports -------------------------------------
 
@@ -179,7 +190,7 @@ class Forwarding:
         self, code: int, phrase: bytes, headers: HeaderList, length: int | None
     ) -> None:
         self._responding = True
-        self._cancel(self._response_timer)
+        self._stop_timer()
         self.upstream_seconds = self._clock.seconds() - self._started_at
         assert self._lease is not None
         self._lease.upstream.mark(True)
@@ -192,7 +203,6 @@ class Forwarding:
             # closed after the response.
             request.close_after_response()
         request.respond(code, phrase, filter_headers(headers), length)
-        self._arm_idle_timer()
         assert self._exchange is not None
         producer = self._exchange.producer
         if producer is not None:
@@ -203,12 +213,14 @@ class Forwarding:
         self._touch()
 
     def response_flush(self) -> None:
+        # The response goes on past this read: from now on a stall counts.
+        self._set_timer(_Bound.IDLE)
         self._request.flush()
 
     def response_end(self, complete: bool, reason: str) -> None:
         self._exchange = None
         self._release()
-        self._stop_idle_timer()
+        self._stop_timer()
         request = self._request
         if request.is_disconnected:
             return
@@ -235,8 +247,7 @@ class Forwarding:
         where = str(upstream.address) if upstream is not None else "(none chosen)"
         request = self._request
         if request.finished or request.is_disconnected:
-            self._cancel(self._response_timer)
-            self._stop_idle_timer()
+            self._stop_timer()
             return
         if (
             upstream is not None
@@ -258,8 +269,7 @@ class Forwarding:
                     )
                     self._place(self._replace(self._refused))
                     return
-        self._cancel(self._response_timer)
-        self._stop_idle_timer()
+        self._stop_timer()
         if timed_out or reason.check(ConnectTimeoutError):
             log.warn(
                 "Upstream {upstream} timed out for {method} {target}",
@@ -289,8 +299,7 @@ class Forwarding:
         self._abandon_upstream()
 
     def _abandon_upstream(self) -> None:
-        self._cancel(self._response_timer)
-        self._stop_idle_timer()
+        self._stop_timer()
         self._drop_body()
         self._release()
         if self._waiting is not None:
@@ -307,36 +316,44 @@ class Forwarding:
         if self._body is not None:
             self._body.stopProducing()
 
-    def _arm_response_timer(self) -> None:
-        # Armed once, when the request is complete (body_complete).
-        self._response_timer = self._clock.callLater(
-            self._timeouts.upstream_response, self._response_timed_out
-        )
+    def _set_timer(self, bound: _Bound) -> None:
+        """Bound what happens next by ``bound``, from now."""
+        if self._timer_bound is bound:
+            return
+        seconds = self._seconds(bound)
+        self._timer_bound = bound
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)
+        else:
+            self._timer = self._clock.callLater(seconds, self._timer_fired)
 
-    def _response_timed_out(self) -> None:
-        self._response_timer = None
-        if not self._responding and (
+    def _seconds(self, bound: _Bound) -> float:
+        if bound is _Bound.IDLE:
+            return self._timeouts.body_idle
+        return self._timeouts.upstream_response
+
+    def _touch(self) -> None:
+        """Body bytes moved: the stall bound starts again."""
+        if self._timer_bound is _Bound.IDLE and self._timer is not None:
+            self._timer.reset(self._timeouts.body_idle)
+
+    def _stop_timer(self) -> None:
+        timer, self._timer, self._timer_bound = self._timer, None, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _timer_fired(self) -> None:
+        bound, self._timer, self._timer_bound = self._timer_bound, None, None
+        if bound is _Bound.IDLE:
+            self._body_stalled()
+        elif not self._responding and (
             self._exchange is not None or self._waiting is not None
         ):
             self._abandon_upstream()
             self.upstream_failed(Failure(CancelledError()), timed_out=True)
 
-    def _arm_idle_timer(self) -> None:
-        if self._idle_timer is None:
-            self._idle_timer = self._clock.callLater(
-                self._timeouts.body_idle, self._body_stalled
-            )
-
-    def _touch(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.reset(self._timeouts.body_idle)
-
-    def _stop_idle_timer(self) -> None:
-        self._cancel(self._idle_timer)
-        self._idle_timer = None
-
     def _body_stalled(self) -> None:
-        self._idle_timer = None
         request = self._request
         log.info(
             "No body data moved for {seconds}s on {method} {target}; abandoning it",
@@ -346,8 +363,3 @@ class Forwarding:
         )
         self._abandon_upstream()
         request.abort()
-
-    @staticmethod
-    def _cancel(call: IDelayedCall | None) -> None:
-        if call is not None and call.active():
-            call.cancel()

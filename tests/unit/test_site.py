@@ -397,3 +397,26 @@ def test_reading_resumes_for_the_next_request_after_a_paused_upload():
     h.upstream_says(OK)
     assert h.response().endswith(b"\r\n\r\n{}")
     assert h.client.producerState == "producing"
+
+
+def test_a_small_request_costs_one_timer():
+    """Once the connection and the pool are set up, a small forwarded
+    request arms one timer (Synapse's answer), cancelled when relayed."""
+    h = make_harness()
+    request = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: h\r\n\r\n"
+    h.send(request)
+    h.connect_upstream()
+    h.upstream_says(OK)
+    armed: list[float] = []
+    call_later = h.clock.callLater
+
+    def counting(delay, *args, **kwargs):
+        armed.append(delay)
+        return call_later(delay, *args, **kwargs)
+
+    h.clock.callLater = counting  # type: ignore[method-assign]
+    for _ in range(3):
+        h.send(request)
+        h.upstream_says(OK)
+    assert h.response().count(b"HTTP/1.1 200 OK") == 4
+    assert len(armed) == 3, armed
