@@ -91,7 +91,9 @@ class H2Harness:
 
     def receive(self) -> list[h2.events.Event]:
         """Read what the edge wrote; the client's automatic answers (SETTINGS
-        ACK, PING ACK) go back at once."""
+        ACK, PING ACK) go back at once. Responses are written at the end
+        of the reactor's turn, which this ends."""
+        self.clock.advance(0)
         data = self.transport.value()
         self.transport.clear()
         events = self.client.receive_data(data) if data else []

@@ -353,6 +353,7 @@ class H2ServerProtocol(Protocol):
         self._budget = settings.abuse_budget
         self._budget_at = 0.0
         self._lost = False
+        self._flush_call: IDelayedCall | None = None
 
     # Twisted's protocol -----------------------------------------------------
 
@@ -364,7 +365,7 @@ class H2ServerProtocol(Protocol):
             validate_inbound_headers=True,
             normalize_inbound_headers=False,
             validate_outbound_headers=False,
-            normalize_outbound_headers=True,
+            normalize_outbound_headers=False,
         )
         conn = self._conn = h2.connection.H2Connection(config)
         conn.local_settings = h2.settings.Settings(
@@ -429,6 +430,9 @@ class H2ServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
         self._closing = True
         for timer in (self._idle_timer, self._stall_timer, self._close_timer):
             if timer is not None and timer.active():
@@ -501,6 +505,17 @@ class H2ServerProtocol(Protocol):
             self._blocked[stream.id] = stream
         else:
             self._blocked.pop(stream.id, None)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """Write what the streams made at the end of this turn of the
+        reactor: responses to several streams that Synapse's connections
+        delivered in one turn go out as one TLS record and one send()."""
+        if self._flush_call is None and not self._lost:
+            self._flush_call = self._clock.callLater(0, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_call = None
         self._flush()
 
     def _send_outgoing(
