@@ -27,12 +27,12 @@ from twisted.internet.testing import MemoryReactorClock
 
 from matrix_edge.config.edge import EdgeConfig, parse_config
 from matrix_edge.config.upstream import UpstreamAddress
-from matrix_edge.http.routing import Forward, LiveSettings, Router
-from matrix_edge.http.upstream import Upstream
 from matrix_edge.pools.dispatch import Dispatcher, make_dispatcher
 from matrix_edge.pools.pool import Lease
 from matrix_edge.pools.whoami import token_digest
 from matrix_edge.server.fields import HeaderFields
+from matrix_edge.server.router import Forward, LiveSettings, Router
+from matrix_edge.upstream.client import Upstream
 
 POOLS = {
     "synchrotron": 4,

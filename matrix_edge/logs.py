@@ -1,5 +1,5 @@
 """matrix-edge's side of twistd's log: the ``log_level`` filter, and the
-events of worker processes relayed into the first process's log.
+events of child processes relayed into the first process's log.
 
 twistd builds its log observer (stdout, ``--logfile``, ``--syslog`` or an
 operator's ``--logger``) after the plugin's options are parsed, from the
@@ -12,10 +12,10 @@ plugin's service is made before the application that could carry an
 ``ILogObserver`` component, and twistd adds its observer to the global
 publisher directly.
 
-Workers (``processes`` > 1) write each event as a JSON object on a line of
+Children (``processes`` > 1) write each event as a JSON object on a line of
 their stdout; the first process reads it back into an event and publishes
-it, so that it is formatted once, by twistd's observer, with the worker's
-time, namespace and level, and a ``worker-N`` mark in the system field.
+it, so that it is formatted once, by twistd's observer, with the child's
+time, namespace and level, and a ``child-N`` mark in the system field.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from twisted.python.reflect import namedAny
 from matrix_edge import twisted_private
 from matrix_edge.config.log_level import LogLevelSetting
 
-# The field of a relayed event that names the worker it came from.
-WORKER_FIELD = "matrix_edge_worker"
+# The field of a relayed event that names the child it came from.
+PROCESS_FIELD = "matrix_edge_process"
 
 
 def twisted_level(setting: LogLevelSetting) -> LogLevel:
@@ -88,8 +88,8 @@ def twistd_observer() -> ILogObserver:
     return filtered(observer, _twistd_log["setting"])
 
 
-def worker_log_observer(out: IO[str], setting: LogLevelSetting) -> ILogObserver:
-    """A worker's log: each event at C{setting} or above as one JSON object
+def child_log_observer(out: IO[str], setting: LogLevelSetting) -> ILogObserver:
+    """A child's log: each event at C{setting} or above as one JSON object
     on a line of C{out}, for L{relayed_event} in the first process."""
     return filtered(FileLogObserver(out, _event_line), setting)
 
@@ -112,7 +112,7 @@ def _event_line(event: dict[str, Any]) -> str:
 
 
 def relayed_event(line: str, index: int) -> dict[str, Any] | None:
-    """The event a worker wrote as C{line}, marked as worker C{index}'s;
+    """The event a child wrote as C{line}, marked as child C{index}'s;
     None if the line is not one (output that did not go through the log)."""
     if not line.startswith("{"):
         return None
@@ -127,6 +127,6 @@ def relayed_event(line: str, index: int) -> dict[str, Any] | None:
     system = event.get("log_system")
     if system is None:
         system = f"{event.get('log_namespace', '-')}#{event['log_level'].name}"
-    event["log_system"] = f"worker-{index} {system}"
-    event[WORKER_FIELD] = index
+    event["log_system"] = f"child-{index} {system}"
+    event[PROCESS_FIELD] = index
     return event

@@ -25,15 +25,15 @@ from matrix_edge.config._base import ConfigError
 from matrix_edge.config.edge import EdgeConfig, load_config
 from matrix_edge.config.listeners import ListenerConfig
 from matrix_edge.config.upstream import UpstreamAddress
-from matrix_edge.http.accesslog_file import AccessLogFile
-from matrix_edge.http.routing import LiveSettings
-from matrix_edge.http.upstream import Upstream
 from matrix_edge.pools.dispatch import make_dispatcher
+from matrix_edge.processes import InheritedSocket, ProcessSupervisor
+from matrix_edge.server.accesslog_file import AccessLogFile
+from matrix_edge.server.router import LiveSettings
 from matrix_edge.server.site import EdgeSite
+from matrix_edge.server.tls import HTTPSOnlyFactory
 from matrix_edge.tls import ServerTLS, SighupService, TLSConfigError
-from matrix_edge.tls_listener import HTTPSOnlyFactory
-from matrix_edge.upstream_watch import UpstreamWatch
-from matrix_edge.workers import InheritedSocket, WorkerSupervisor
+from matrix_edge.upstream.client import Upstream
+from matrix_edge.upstream.health import UpstreamWatch
 
 log = Logger()
 
@@ -355,7 +355,7 @@ def make_service(
                 for address, sock in service.worker_sockets()
             ]
 
-        supervisor = WorkerSupervisor(
+        supervisor = ProcessSupervisor(
             reactor, config.processes - 1, config_path, bound_sockets
         )
         supervisor.setServiceParent(top)

@@ -155,7 +155,7 @@ class Options(usage.Options):
 
 
 def _migrate(options: Any) -> None:
-    from matrix_edge.pools.migrate import MigrationError, migrate_workers
+    from matrix_edge.commands.migrate_workers import MigrationError, migrate_workers
 
     try:
         text = migrate_workers(options["homeserver"], options["workers"])
@@ -168,7 +168,7 @@ def _migrate(options: Any) -> None:
 def _dry_run(config: EdgeConfig, command: str, options: Any) -> None:
     from twisted.internet import reactor
 
-    from matrix_edge.pools.explain import (
+    from matrix_edge.commands.route import (
         describe_table,
         dispatcher_for,
         explain_route,

@@ -17,8 +17,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from matrix_edge.config.edge import parse_config
-from matrix_edge.http.upstream import Upstream
 from matrix_edge.server.site import EdgeSite
+from matrix_edge.upstream.client import Upstream
 from tests.pki import Pki, make_pki
 
 PEER = IPv4Address("TCP", "203.0.113.7", 50000)

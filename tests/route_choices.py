@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import sys
 
+from matrix_edge.commands import route as explain
+from matrix_edge.commands.route import explain_route
 from matrix_edge.config.edge import load_config
-from matrix_edge.pools import explain
 from matrix_edge.pools.dispatch import Dispatcher
-from matrix_edge.pools.explain import explain_route
 
 
 def dispatcher_for(config_path: str) -> Dispatcher:

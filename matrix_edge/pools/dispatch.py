@@ -11,17 +11,17 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from matrix_edge import errors
 from matrix_edge.config.routes import MAIN, Policy, Route
 from matrix_edge.config.upstream import UpstreamAddress
 from matrix_edge.config.workers import WorkersConfig
-from matrix_edge.http import errors
-from matrix_edge.http.errors import MatrixError
-from matrix_edge.http.upstream import Upstream
+from matrix_edge.errors import MatrixError
 from matrix_edge.pools.keys import access_token, room_key, xmatrix_origin
 from matrix_edge.pools.pool import Lease, Member, PoolFull, WorkerPool
 from matrix_edge.pools.table import RouteTable, effective_table, shipped_table
 from matrix_edge.pools.whoami import WhoamiCache, token_digest
 from matrix_edge.server.fields import HeaderFields
+from matrix_edge.upstream.client import Upstream
 
 Placed = Lease | Deferred[Lease] | MatrixError
 

@@ -10,8 +10,8 @@ import re
 from collections.abc import Sequence
 from urllib.parse import unquote_to_bytes
 
-from matrix_edge.http.target import parse_query
 from matrix_edge.server.fields import HeaderFields
+from matrix_edge.target import parse_query
 
 # The path segment naming a room (or a room alias, or a user for profiles).
 _ROOM_SEGMENT = re.compile(rb"/(?:rooms|join|knock|profile)/([^/?]+)")

@@ -10,8 +10,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from matrix_edge.config.workers import PoolConfig
-from matrix_edge.http.upstream import Upstream
 from matrix_edge.pools.hashing import Chooser
+from matrix_edge.upstream.client import Upstream
 
 
 class PoolFull(Exception):

@@ -18,7 +18,7 @@ import yaml
 
 from matrix_edge.config._base import read_mapping, read_sequence, read_str
 from matrix_edge.config.routes import MAIN, Route, parse_route
-from matrix_edge.http.target import decode_query_component
+from matrix_edge.target import decode_query_component
 
 SHIPPED_TABLE = "synapse_routes.yaml"
 

@@ -19,8 +19,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from matrix_edge.config.workers import WhoamiCacheConfig
-from matrix_edge.http.upstream import Upstream, UpstreamExchange, describe_failure
-from matrix_edge.http.upstream_protocol import HeaderList
+from matrix_edge.upstream.client import Upstream, UpstreamExchange, describe_failure
+from matrix_edge.upstream.protocol import HeaderList
 
 log = Logger()
 

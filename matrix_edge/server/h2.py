@@ -48,7 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from matrix_edge.http.errors import MatrixError
+from matrix_edge.errors import MatrixError
 from matrix_edge.server.h2_frames import FrameWatch
 from matrix_edge.server.h2_head import Header, RequestHead, parse_request_head
 from matrix_edge.server.sockets import set_no_delay

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 
-from matrix_edge.http.errors import MatrixError
+from matrix_edge.errors import MatrixError
 from matrix_edge.server.fields import Field, HeaderFields
 from matrix_edge.server.h2 import ErrorCodes, H2Stream
 from matrix_edge.server.h2_head import RequestHead

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import attrs
 
-from matrix_edge.http import errors
-from matrix_edge.http.errors import MatrixError
+from matrix_edge import errors
+from matrix_edge.errors import MatrixError
 
 Header = tuple[bytes, bytes]
 

@@ -26,8 +26,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from matrix_edge.http import errors
-from matrix_edge.http.errors import MatrixError, closing_response
+from matrix_edge import errors
+from matrix_edge.errors import MatrixError, closing_response
 from matrix_edge.server.fields import Field, HeaderFields
 from matrix_edge.server.request import EdgeRequest
 from matrix_edge.server.sockets import set_no_delay

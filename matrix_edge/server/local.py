@@ -11,11 +11,11 @@ import attrs
 
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.listeners import ListenerConfig, ListenerType
-from matrix_edge.http.errors import CORS_HEADERS, MatrixError, error_headers
-from matrix_edge.http.routing import admin_allowed
-from matrix_edge.http.upstream import Upstream
+from matrix_edge.errors import CORS_HEADERS, MatrixError, error_headers
 from matrix_edge.pools.dispatch import Dispatcher
 from matrix_edge.server.fields import Field
+from matrix_edge.server.router import admin_allowed
+from matrix_edge.upstream.client import Upstream
 
 if TYPE_CHECKING:
     from matrix_edge.server.request import EdgeRequest

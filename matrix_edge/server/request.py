@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Protocol
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.python.failure import Failure
 
-from matrix_edge.http import errors
-from matrix_edge.http.accesslog import redact_target
-from matrix_edge.http.errors import MatrixError, error_headers, reason_phrase
-from matrix_edge.http.forward import Forwarding
-from matrix_edge.http.headers import client_address, is_trusted
-from matrix_edge.http.request_id import request_id_for
-from matrix_edge.http.routing import LOCAL, Forward
-from matrix_edge.http.target import split_target
+from matrix_edge import errors
+from matrix_edge.errors import MatrixError, error_headers, reason_phrase
+from matrix_edge.server.accesslog import redact_target
 from matrix_edge.server.fields import Field, HeaderFields
+from matrix_edge.server.forward import Forwarding
+from matrix_edge.server.headers import client_address, is_trusted
+from matrix_edge.server.request_id import request_id_for
+from matrix_edge.server.router import LOCAL, Forward
+from matrix_edge.target import split_target
 
 if TYPE_CHECKING:
     from matrix_edge.config.listeners import ListenerConfig

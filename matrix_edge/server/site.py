@@ -12,18 +12,18 @@ from twisted.internet.protocol import Protocol, ServerFactory
 
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.listeners import ListenerConfig
-from matrix_edge.http.accesslog import AccessLog
-from matrix_edge.http.accesslog_file import AccessLogFile
-from matrix_edge.http.deadlines import HeaderDeadlines
-from matrix_edge.http.routing import LiveSettings, Router
-from matrix_edge.http.upstream import Upstream
 from matrix_edge.pools.dispatch import Dispatcher
+from matrix_edge.server.accesslog import AccessLog
+from matrix_edge.server.accesslog_file import AccessLogFile
 from matrix_edge.server.alpn import NegotiatedProtocol
+from matrix_edge.server.deadlines import HeaderDeadlines
 from matrix_edge.server.fields import Field
 from matrix_edge.server.h2 import H2ServerProtocol, H2Settings
 from matrix_edge.server.h2_handler import H2RequestHandler
 from matrix_edge.server.http1 import HTTP11Connection
 from matrix_edge.server.local import local_resources
+from matrix_edge.server.router import LiveSettings, Router
+from matrix_edge.upstream.client import Upstream
 
 
 class EdgeSite(ServerFactory):

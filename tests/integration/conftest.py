@@ -15,10 +15,10 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.protocols.haproxy import proxyEndpoint
 
 from matrix_edge.config.edge import EdgeConfig, parse_config
-from matrix_edge.http.upstream import Upstream
 from matrix_edge.server.site import EdgeSite
+from matrix_edge.server.tls import HTTPSOnlyFactory
 from matrix_edge.tls import ServerTLS
-from matrix_edge.tls_listener import HTTPSOnlyFactory
+from matrix_edge.upstream.client import Upstream
 from tests.pki import make_pki
 from tests.recording_upstream import RecordingUpstreamFactory
 

@@ -15,7 +15,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 
 from matrix_edge.config.maintenance import MaintenanceConfig
-from matrix_edge.upstream_watch import UpstreamWatch
+from matrix_edge.upstream.health import UpstreamWatch
 from tests.rawhttp import exchange
 
 

@@ -45,12 +45,12 @@ def test_two_processes_share_the_listeners(tmp_path: Path) -> None:
     upstream = processes.start_upstream(upstream_port, tmp_path / "upstream.log")
     edge = processes.start_edge(config, tmp_path / "edge.log", wait=("127.0.0.1", port))
     try:
-        _wait_for(lambda: "Started worker 1" in edge.log())
+        _wait_for(lambda: "Started child 1" in edge.log())
         worker_pid = int(
-            re.search(r"Started worker 1 \(pid (\d+)\)", edge.log()).group(1)
+            re.search(r"Started child 1 \(pid (\d+)\)", edge.log()).group(1)
         )
         _wait_for(
-            lambda: "[worker-1 matrix_edge.service#info] Listening on ::1" in edge.log()
+            lambda: "[child-1 matrix_edge.service#info] Listening on ::1" in edge.log()
         )
         request = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -61,7 +61,7 @@ def test_two_processes_share_the_listeners(tmp_path: Path) -> None:
             log = edge.log()
             own = len(re.findall(r"\[matrix_edge\.access\.client-\d+#info\]", log))
             worker = len(
-                re.findall(r"\[worker-1 matrix_edge\.access\.client-\d+#info\]", log)
+                re.findall(r"\[child-1 matrix_edge\.access\.client-\d+#info\]", log)
             )
             return own > 0 and worker > 0
 
@@ -70,7 +70,7 @@ def test_two_processes_share_the_listeners(tmp_path: Path) -> None:
         os.kill(edge.pid, signal.SIGHUP)
         _wait_for(
             lambda: re.search(
-                r"\[worker-1 matrix_edge\.tls#info\] Reloading", edge.log()
+                r"\[child-1 matrix_edge\.tls#info\] Reloading", edge.log()
             )
         )
 
@@ -79,7 +79,7 @@ def test_two_processes_share_the_listeners(tmp_path: Path) -> None:
         assert "Traceback" not in edge.log()
         # A worker's line is prefixed once, by the first process's log, with
         # the worker's own namespace and level.
-        worker_lines = [line for line in edge.log().splitlines() if "worker-1" in line]
+        worker_lines = [line for line in edge.log().splitlines() if "child-1" in line]
         assert worker_lines
         for line in edge.log().splitlines():
             assert re.match(r"\S+ \[[^\]]+\] (?!\[)", line), line
@@ -104,7 +104,7 @@ def test_workers_write_json_lines_to_the_access_log_file(tmp_path: Path) -> None
     upstream = processes.start_upstream(upstream_port, tmp_path / "upstream.log")
     edge = processes.start_edge(config, tmp_path / "edge.log", wait=("127.0.0.1", port))
     try:
-        _wait_for(lambda: "[worker-1 matrix_edge.service#info] Listening" in edge.log())
+        _wait_for(lambda: "[child-1 matrix_edge.service#info] Listening" in edge.log())
         request = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n"
 
         def twenty_written() -> bool:
@@ -143,12 +143,12 @@ def test_a_worker_that_dies_is_started_again(tmp_path: Path) -> None:
     )
     edge = processes.start_edge(config, tmp_path / "edge.log", wait=("127.0.0.1", port))
     try:
-        _wait_for(lambda: "Started worker 1" in edge.log())
-        first = int(re.search(r"Started worker 1 \(pid (\d+)\)", edge.log()).group(1))
+        _wait_for(lambda: "Started child 1" in edge.log())
+        first = int(re.search(r"Started child 1 \(pid (\d+)\)", edge.log()).group(1))
         os.kill(first, signal.SIGKILL)
         _wait_for(
-            lambda: len(re.findall(r"Started worker 1 \(pid (\d+)\)", edge.log())) == 2
+            lambda: len(re.findall(r"Started child 1 \(pid (\d+)\)", edge.log())) == 2
         )
-        assert "Worker 1 exited" in edge.log()
+        assert "Child 1 exited" in edge.log()
     finally:
         edge.stop()

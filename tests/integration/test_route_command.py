@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from matrix_edge.commands.route import explain_route, request_target
 from matrix_edge.config.routes import Policy, Route
-from matrix_edge.http.target import parse_query
 from matrix_edge.pools import hashing
 from matrix_edge.pools.dispatch import Dispatcher
-from matrix_edge.pools.explain import explain_route, request_target
 from matrix_edge.pools.keys import room_key
 from matrix_edge.pools.table import shipped_table
+from matrix_edge.target import parse_query
 from tests import processes
 from tests.route_choices import choices, dispatcher_for, field
 from tests.route_examples import Example, examples

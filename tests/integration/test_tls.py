@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 
 from matrix_edge.config._base import ConfigError
 from matrix_edge.config.edge import parse_config
+from matrix_edge.server.tls import HTTPSOnlyFactory
 from matrix_edge.service import load_tls
 from matrix_edge.tls import (
     ServerTLS,
@@ -43,7 +44,6 @@ from matrix_edge.tls import (
     TLSConfigError,
     generate_self_signed,
 )
-from matrix_edge.tls_listener import HTTPSOnlyFactory
 from tests.pki import Leaf, Pki, make_pki
 
 # A client that asks for this gets the ALPN protocol the server negotiated.

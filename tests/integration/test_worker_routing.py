@@ -18,9 +18,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 
 from matrix_edge.config.edge import EdgeConfig, parse_config
-from matrix_edge.http.upstream import Upstream
 from matrix_edge.pools.dispatch import Dispatcher, make_dispatcher
 from matrix_edge.server.site import EdgeSite
+from matrix_edge.upstream.client import Upstream
 from tests.rawhttp import connect, exchange, read_response
 from tests.recording_upstream import RecordingUpstreamFactory
 

@@ -22,16 +22,16 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 
 from matrix_edge.config.log_level import LogLevelSetting
-from matrix_edge.http.accesslog import Timestamps
-from matrix_edge.http.accesslog_file import AccessLogFile
 from matrix_edge.logs import (
-    WORKER_FIELD,
+    PROCESS_FIELD,
+    child_log_observer,
     filter_twistd_log,
     relayed_event,
     twistd_observer,
-    worker_log_observer,
 )
-from matrix_edge.workers import _Worker
+from matrix_edge.processes import _Child
+from matrix_edge.server.accesslog import Timestamps
+from matrix_edge.server.accesslog_file import AccessLogFile
 from tests.unit.test_site import OK, make_harness
 
 # 2026-05-28, a time of the kind the log will see.
@@ -196,7 +196,7 @@ def _worker_output() -> bytes:
     out = io.StringIO()
     log = Logger(
         namespace="matrix_edge.access.client-443",
-        observer=worker_log_observer(out, LogLevelSetting.INFO),
+        observer=child_log_observer(out, LogLevelSetting.INFO),
     )
     log.info("{access_line}", access_line='1.2.3.4 - client-443 - {ab} 200 "{x}"')
     log.debug("left out at info")
@@ -209,7 +209,7 @@ def _worker_output() -> bytes:
 
 def test_worker_events_are_relayed_once():
     events: list[dict] = []
-    worker = _Worker(1, lambda *_: None)
+    worker = _Child(1, lambda *_: None)
     worker._log.observer = events.append
     data = _worker_output()
     # Lines may arrive in pieces.
@@ -221,18 +221,18 @@ def test_worker_events_are_relayed_once():
     assert len(lines) == 4, lines
     access, failure, printed, stderr = lines
     assert access.endswith(
-        '[worker-1 matrix_edge.access.client-443#info] 1.2.3.4 - client-443 - {ab} 200 "{x}"\n'
+        '[child-1 matrix_edge.access.client-443#info] 1.2.3.4 - client-443 - {ab} 200 "{x}"\n'
     )
-    assert events[0][WORKER_FIELD] == 1
+    assert events[0][PROCESS_FIELD] == 1
     assert events[0]["log_namespace"] == "matrix_edge.access.client-443"
     assert events[1]["log_level"] is LogLevel.critical
-    assert "[worker-1 matrix_edge.access.client-443#critical] Reload callback tls" in (
+    assert "[child-1 matrix_edge.access.client-443#critical] Reload callback tls" in (
         failure
     )
     assert "ZeroDivisionError: division by zero" in failure
-    assert printed.endswith("[matrix_edge.worker.1#info] printed, not logged\n")
+    assert printed.endswith("[matrix_edge.child.1#info] printed, not logged\n")
     assert events[3]["log_level"] is LogLevel.error
-    assert "[matrix_edge.worker.1#error] Traceback" in stderr
+    assert "[matrix_edge.child.1#error] Traceback" in stderr
     for line in lines:
         assert not re.search(r"\] \[", line), line
 

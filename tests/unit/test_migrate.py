@@ -7,15 +7,15 @@ import textwrap
 import pytest
 import yaml
 
-from matrix_edge.config.routes import Policy
-from matrix_edge.config.upstream import parse_upstream
-from matrix_edge.config.workers import parse_workers
-from matrix_edge.pools.migrate import (
+from matrix_edge.commands.migrate_workers import (
     POOL_ORDER,
     SINGLE_POOLS,
     MigrationError,
     migrate_workers,
 )
+from matrix_edge.config.routes import Policy
+from matrix_edge.config.upstream import parse_upstream
+from matrix_edge.config.workers import parse_workers
 from matrix_edge.pools.table import shipped_table
 
 HOMESERVER = """\

@@ -23,8 +23,7 @@ from matrix_edge.config.routes import MAIN, Policy
 from matrix_edge.config.timeouts import TimeoutsConfig
 from matrix_edge.config.upstream import UpstreamAddress, UpstreamPoolConfig
 from matrix_edge.config.workers import PoolConfig, WhoamiCacheConfig
-from matrix_edge.http.errors import MatrixError
-from matrix_edge.http.upstream import Upstream
+from matrix_edge.errors import MatrixError
 from matrix_edge.pools import hashing
 from matrix_edge.pools.dispatch import (
     Dispatcher,
@@ -44,6 +43,7 @@ from matrix_edge.pools.whoami import (
     token_digest,
 )
 from matrix_edge.server.fields import HeaderFields
+from matrix_edge.upstream.client import Upstream
 
 # Rendezvous hashing
 
@@ -1117,7 +1117,7 @@ def test_an_escaped_parameter_name_still_names_the_token():
 
 
 def test_the_dry_run_never_sends_a_token_that_is_not_one():
-    from matrix_edge.pools.explain import lookup_user
+    from matrix_edge.commands.route import lookup_user
 
     d = deploy({"synchrotron": W[:2]})
     assert _result(lookup_user(d.dispatcher, "x\r\nGET /a HTTP/1.1")) is None

@@ -14,11 +14,11 @@ from matrix_edge.config.routes import parse_route
 from matrix_edge.config.timeouts import TimeoutsConfig
 from matrix_edge.config.upstream import UpstreamPoolConfig, parse_upstream
 from matrix_edge.config.workers import PoolConfig
-from matrix_edge.http.target import parse_query
-from matrix_edge.http.upstream import Upstream
 from matrix_edge.pools import hashing
 from matrix_edge.pools.pool import WorkerPool
 from matrix_edge.pools.table import RouteTable, _Condition, shipped_table
+from matrix_edge.target import parse_query
+from matrix_edge.upstream.client import Upstream
 
 NAMES = [b"http://10.0.0.%d:8083" % i for i in range(1, 6)]
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from matrix_edge.config.routes import Policy, Route, parse_route
-from matrix_edge.http.target import parse_query
 from matrix_edge.pools.table import effective_table, shipped_table
+from matrix_edge.target import parse_query
 from tests.route_examples import (
     UNRESTRICTED_METHODS,
     Example,

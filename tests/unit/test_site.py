@@ -13,9 +13,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 
 from matrix_edge.config.edge import parse_config
-from matrix_edge.http.upstream import Upstream
 from matrix_edge.server.request import LINGER_SECONDS
 from matrix_edge.server.site import EdgeSite
+from matrix_edge.upstream.client import Upstream
 
 
 @attrs.define
@@ -313,7 +313,7 @@ def test_no_timer_outlives_its_request():
 
 
 def test_access_log_file_batches_and_reopens(tmp_path):
-    from matrix_edge.http.accesslog_file import FLUSH_SECONDS, AccessLogFile
+    from matrix_edge.server.accesslog_file import FLUSH_SECONDS, AccessLogFile
 
     path = tmp_path / "access.log"
     h = make_harness(access_log={"path": str(path)})

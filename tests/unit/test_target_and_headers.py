@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from matrix_edge.http.accesslog import redact_target
-from matrix_edge.http.headers import (
+from matrix_edge.server.accesslog import redact_target
+from matrix_edge.server.fields import HeaderFields
+from matrix_edge.server.headers import (
     client_address,
     connection_tokens,
     filter_headers,
     parse_ip,
     upstream_request_headers,
 )
-from matrix_edge.http.target import check_target, path_has_prefix, split_target
-from matrix_edge.server.fields import HeaderFields
+from matrix_edge.target import check_target, path_has_prefix, split_target
 
 
 @pytest.mark.parametrize(

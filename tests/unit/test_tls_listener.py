@@ -10,8 +10,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+from matrix_edge.server.tls import DRAIN_BYTES, DRAIN_SECONDS, HTTPSOnlyFactory
 from matrix_edge.tls import ServerTLS
-from matrix_edge.tls_listener import DRAIN_BYTES, DRAIN_SECONDS, HTTPSOnlyFactory
 from tests.pki import make_pki
 
 PEER = IPv4Address("TCP", "203.0.113.7", 50000)

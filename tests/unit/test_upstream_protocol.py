@@ -10,8 +10,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from matrix_edge.config.timeouts import TimeoutsConfig
 from matrix_edge.config.upstream import UpstreamAddress, UpstreamPoolConfig
-from matrix_edge.http.body import ClientReading, RequestBody
-from matrix_edge.http.upstream import Upstream
+from matrix_edge.server.body import ClientReading, RequestBody
+from matrix_edge.upstream.client import Upstream
 
 
 @attrs.define
@@ -276,7 +276,7 @@ def test_local_descriptor_shortage_is_not_an_upstream_failure():
     from twisted.internet.error import ConnectError, ConnectionRefusedError
     from twisted.python.failure import Failure
 
-    from matrix_edge.http.upstream import is_local_shortage
+    from matrix_edge.upstream.client import is_local_shortage
 
     assert is_local_shortage(Failure(ConnectError(osError=errno.EMFILE)))
     assert is_local_shortage(

@@ -33,8 +33,8 @@ from twisted.python.failure import Failure
 
 from matrix_edge.config.timeouts import TimeoutsConfig
 from matrix_edge.config.upstream import UpstreamAddress, UpstreamPoolConfig
-from matrix_edge.http.body import RequestBody
-from matrix_edge.http.upstream_protocol import (
+from matrix_edge.server.body import RequestBody
+from matrix_edge.upstream.protocol import (
     HeaderList,
     ResponseHandler,
     UpstreamConnection,

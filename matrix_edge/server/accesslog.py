@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 
 from matrix_edge.config.access_log import AccessLogConfig, AccessLogFormat
-from matrix_edge.http.accesslog_file import AccessLogFile
-from matrix_edge.http.target import decode_query_component
 from matrix_edge.pools.keys import xmatrix_origin
+from matrix_edge.server.accesslog_file import AccessLogFile
+from matrix_edge.target import decode_query_component
 
 if TYPE_CHECKING:
     from matrix_edge.server.request import EdgeRequest

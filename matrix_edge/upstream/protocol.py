@@ -22,7 +22,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from matrix_edge.http.body import RequestBody
+from matrix_edge.server.body import RequestBody
 from matrix_edge.server.sockets import set_no_delay
 from matrix_edge.twisted_private import write_eagerly
 

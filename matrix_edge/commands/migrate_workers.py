@@ -23,8 +23,7 @@ from typing import Any
 import attrs
 import yaml
 
-from matrix_edge.config._base import KeyPath, _type_name, format_path
-from matrix_edge.pools.synapse_files import (
+from matrix_edge.commands.synapse_files import (
     PUBLIC_RESOURCES,
     Listener,
     MigrationError,
@@ -33,6 +32,7 @@ from matrix_edge.pools.synapse_files import (
     main_listener,
     read_workers,
 )
+from matrix_edge.config._base import KeyPath, _type_name, format_path
 
 # The pools in the order they are written out.
 POOL_ORDER = (

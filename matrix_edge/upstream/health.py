@@ -13,13 +13,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from matrix_edge.config.upstream import UpstreamCheckConfig
-from matrix_edge.http.upstream import (
+from matrix_edge.upstream.client import (
     Upstream,
     UpstreamExchange,
     describe_failure,
     is_local_shortage,
 )
-from matrix_edge.http.upstream_protocol import HeaderList
+from matrix_edge.upstream.protocol import HeaderList
 
 log = Logger()
 

@@ -11,17 +11,17 @@ from collections.abc import Callable, Collection
 import attrs
 from twisted.internet.defer import Deferred
 
+from matrix_edge import errors
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.listeners import ListenerConfig, ListenerType
 from matrix_edge.config.maintenance import MaintenanceConfig
 from matrix_edge.config.routes import MAIN
-from matrix_edge.http import errors
-from matrix_edge.http.errors import MatrixError
-from matrix_edge.http.target import check_target
-from matrix_edge.http.upstream import Upstream
+from matrix_edge.errors import MatrixError
 from matrix_edge.pools.dispatch import Dispatcher, Placed
 from matrix_edge.pools.pool import Lease
 from matrix_edge.server.fields import HeaderFields
+from matrix_edge.target import check_target
+from matrix_edge.upstream.client import Upstream
 
 # What each kind of listener forwards to Synapse, as in Synapse's
 # reverse-proxy documentation.

@@ -1,11 +1,11 @@
 """Several processes serving the same listeners, to use every core.
 
 The first process binds the listening sockets (as root, if it must), then
-starts ``processes - 1`` workers that inherit sockets bound to the same
+starts ``processes - 1`` children that inherit sockets bound to the same
 ports with SO_REUSEPORT: the kernel spreads new connections evenly over
 the processes. The first process
-serves too, relays the workers' logs into its own (each event once, marked
-with the worker, see L{matrix_edge.logs}), passes SIGHUP on, and stops them
+serves too, relays the children' logs into its own (each event once, marked
+with the child, see L{matrix_edge.logs}), passes SIGHUP on, and stops them
 when it stops, so one pidfile and one supervisor entry cover them all.
 """
 
@@ -29,7 +29,7 @@ from matrix_edge.logs import relayed_event
 
 log = Logger()
 
-# A worker that dies is started again after this long, doubling up to the
+# A child that dies is started again after this long, doubling up to the
 # maximum while it keeps dying.
 RESTART_DELAY = 1.0
 MAX_RESTART_DELAY = 30.0
@@ -38,8 +38,8 @@ STOP_TIMEOUT = 10.0
 
 @attrs.frozen
 class InheritedSocket:
-    """A listening socket handed to a worker: which listener and address it
-    is for, and its file descriptor in the worker."""
+    """A listening socket handed to a child: which listener and address it
+    is for, and its file descriptor in the child."""
 
     listener: int
     address: str
@@ -54,16 +54,16 @@ class InheritedSocket:
         return cls(int(listener), address, int(fd))
 
 
-class _Worker(ProcessProtocol):
-    def __init__(self, index: int, on_exit: Callable[[_Worker, Failure], None]):
+class _Child(ProcessProtocol):
+    def __init__(self, index: int, on_exit: Callable[[_Child, Failure], None]):
         self.index = index
         self._on_exit = on_exit
-        self._log = Logger(namespace=f"matrix_edge.worker.{index}")
+        self._log = Logger(namespace=f"matrix_edge.child.{index}")
         self._partial = {1: b"", 2: b""}
         self.ended: Deferred[None] = Deferred()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        """The worker's log events on stdout, one JSON object a line, are
+        """The child's log events on stdout, one JSON object a line, are
         published here as they were logged there; anything else it prints
         (a crash before its log is set up) is logged as text, at ERROR when
         it came on stderr."""
@@ -87,8 +87,8 @@ class _Worker(ProcessProtocol):
         self._on_exit(self, reason)
 
 
-class WorkerSupervisor(Service):
-    """Starts, restarts, signals and stops the worker processes."""
+class ProcessSupervisor(Service):
+    """Starts, restarts, signals and stops the child processes."""
 
     def __init__(
         self,
@@ -98,16 +98,16 @@ class WorkerSupervisor(Service):
         sockets: Callable[[], Sequence[tuple[int, str, socket.socket]]],
     ):
         """
-        @param count: the number of workers besides this process.
-        @param sockets: called for each worker started, once the listeners
+        @param count: the number of children besides this process.
+        @param sockets: called for each child started, once the listeners
             are bound, giving (listener index, address, listening socket)
-            for the worker; they are closed here once it has them.
+            for the child; they are closed here once it has them.
         """
         self._reactor = reactor
         self._count = count
         self._config_path = config_path
         self._sockets = sockets
-        self._workers: dict[int, _Worker] = {}
+        self._workers: dict[int, _Child] = {}
         self._delays: dict[int, float] = {}
 
     def startService(self) -> None:
@@ -122,11 +122,11 @@ class WorkerSupervisor(Service):
         for n, (listener, address, sock) in enumerate(sockets):
             child_fds[3 + n] = sock.fileno()
             inherited.append(InheritedSocket(listener, address, 3 + n).to_arg())
-        worker = _Worker(index, self._exited)
+        child = _Child(index, self._exited)
         args = [
             sys.executable,
             "-m",
-            "matrix_edge.worker",
+            "matrix_edge.child",
             "--config",
             self._config_path,
             "--index",
@@ -135,50 +135,50 @@ class WorkerSupervisor(Service):
         ]
         try:
             transport = self._reactor.spawnProcess(
-                worker, sys.executable, args, env=os.environ.copy(), childFDs=child_fds
+                child, sys.executable, args, env=os.environ.copy(), childFDs=child_fds
             )
         finally:
-            # The worker has its copies; a worker's own sockets must close
+            # The child has its copies; a child's own sockets must close
             # with it, so that the kernel stops giving them connections.
             for _, _, sock in sockets:
                 sock.close()
-        self._workers[index] = worker
-        log.info("Started worker {index} (pid {pid})", index=index, pid=transport.pid)
+        self._workers[index] = child
+        log.info("Started child {index} (pid {pid})", index=index, pid=transport.pid)
 
-    def _exited(self, worker: _Worker, reason: Failure) -> None:
-        if self._workers.get(worker.index) is worker:
-            del self._workers[worker.index]
+    def _exited(self, child: _Child, reason: Failure) -> None:
+        if self._workers.get(child.index) is child:
+            del self._workers[child.index]
         if not self.running:
             return
-        delay = self._delays.get(worker.index, RESTART_DELAY)
-        self._delays[worker.index] = min(delay * 2, MAX_RESTART_DELAY)
+        delay = self._delays.get(child.index, RESTART_DELAY)
+        self._delays[child.index] = min(delay * 2, MAX_RESTART_DELAY)
         log.warn(
-            "Worker {index} exited ({reason}); starting it again in {delay}s",
-            index=worker.index,
+            "Child {index} exited ({reason}); starting it again in {delay}s",
+            index=child.index,
             reason=reason.getErrorMessage(),
             delay=delay,
         )
-        self._reactor.callLater(delay, self._respawn, worker.index)
+        self._reactor.callLater(delay, self._respawn, child.index)
 
     def _respawn(self, index: int) -> None:
         if self.running and index not in self._workers:
             self._spawn(index)
 
     def signal_all(self, signum: int) -> None:
-        for worker in self._workers.values():
-            if worker.transport is not None:
-                worker.transport.signalProcess(signum)
+        for child in self._workers.values():
+            if child.transport is not None:
+                child.transport.signalProcess(signum)
 
     def reload(self) -> bool:
-        """Pass SIGHUP on to every worker."""
+        """Pass SIGHUP on to every child."""
         self.signal_all(signal.SIGHUP)
         return True
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        workers = list(self._workers.values())
+        children = list(self._workers.values())
         self.signal_all(signal.SIGTERM)
-        ended = DeferredList([w.ended for w in workers])
+        ended = DeferredList([w.ended for w in children])
 
         def kill_stragglers() -> None:
             self.signal_all(signal.SIGKILL)

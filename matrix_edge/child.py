@@ -1,4 +1,4 @@
-"""Entry point of a worker process (``processes`` > 1): serves the same
+"""Entry point of a child process (``processes`` > 1): serves the same
 configuration on listening sockets inherited from the first process."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from matrix_edge.config.edge import load_config
-from matrix_edge.logs import worker_log_observer
-from matrix_edge.workers import InheritedSocket
+from matrix_edge.logs import child_log_observer
+from matrix_edge.processes import InheritedSocket
 
 
 @implementer(IReadDescriptor)
@@ -51,7 +51,7 @@ the_reactor: Any = reactor
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="matrix_edge.worker")
+    parser = argparse.ArgumentParser(prog="matrix_edge.child")
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--socket", action="append", default=[])
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     # Events go to the first process as JSON, which formats them once, in
     # its own log, as its own.
     globalLogBeginner.beginLoggingTo(
-        [worker_log_observer(sys.stdout, config.log_level)], redirectStandardIO=False
+        [child_log_observer(sys.stdout, config.log_level)], redirectStandardIO=False
     )
     from matrix_edge.service import make_service
 

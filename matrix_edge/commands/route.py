@@ -12,8 +12,6 @@ from twisted.internet.defer import Deferred, succeed
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.routes import MAIN, Route
 from matrix_edge.config.upstream import UpstreamAddress
-from matrix_edge.http.target import check_target, split_target
-from matrix_edge.http.upstream import Upstream
 from matrix_edge.pools.dispatch import (
     Dispatcher,
     RequestFacts,
@@ -23,6 +21,8 @@ from matrix_edge.pools.dispatch import (
 from matrix_edge.pools.table import shipped_table
 from matrix_edge.pools.whoami import token_digest
 from matrix_edge.server.fields import HeaderFields
+from matrix_edge.target import check_target, split_target
+from matrix_edge.upstream.client import Upstream
 
 
 def dispatcher_for(config: EdgeConfig, reactor: Any) -> Dispatcher:

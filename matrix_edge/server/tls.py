@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from matrix_edge.http.errors import MatrixError, closing_response
+from matrix_edge.errors import MatrixError, closing_response
 from matrix_edge.tls import ServerTLS
 from matrix_edge.twisted_private import write_eagerly
 

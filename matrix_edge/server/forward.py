@@ -18,19 +18,19 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from matrix_edge import errors
 from matrix_edge.config.timeouts import TimeoutsConfig
-from matrix_edge.http import errors
-from matrix_edge.http.body import ClientReading, RequestBody
-from matrix_edge.http.headers import filter_headers, upstream_request_headers
-from matrix_edge.http.upstream import (
+from matrix_edge.pools.dispatch import Placed, refused_error
+from matrix_edge.pools.pool import Lease
+from matrix_edge.server.body import ClientReading, RequestBody
+from matrix_edge.server.headers import filter_headers, upstream_request_headers
+from matrix_edge.upstream.client import (
     Upstream,
     UpstreamExchange,
     describe_failure,
     is_local_shortage,
 )
-from matrix_edge.http.upstream_protocol import HeaderList
-from matrix_edge.pools.dispatch import Placed, refused_error
-from matrix_edge.pools.pool import Lease
+from matrix_edge.upstream.protocol import HeaderList
 
 if TYPE_CHECKING:
     from matrix_edge.server.request import EdgeRequest
