@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo(
         [child_log_observer(sys.stdout, config.log_level)], redirectStandardIO=False
     )
-    from matrix_edge.service import make_service
+    from matrix_edge.service import freeze_startup_objects, make_service
 
     inherited = [InheritedSocket.from_arg(text) for text in args.socket]
     service = make_service(config, the_reactor, args.config, inherited=inherited)
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     service.privilegedStartService()
     service.startService()
     the_reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    the_reactor.callWhenRunning(freeze_startup_objects)
     the_reactor.run()
 
 

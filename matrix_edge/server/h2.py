@@ -51,7 +51,7 @@ from zope.interface import implementer
 from matrix_edge.errors import MatrixError
 from matrix_edge.server.h2_frames import FrameWatch
 from matrix_edge.server.h2_head import Header, RequestHead, parse_request_head
-from matrix_edge.server.sockets import set_no_delay
+from matrix_edge.server.sockets import ClientTransport, set_no_delay
 
 log = Logger()
 
@@ -131,21 +131,6 @@ class StreamHandler(TypingProtocol):
     def reset(self, reason: Failure) -> None:
         """The stream is gone before its response ended: reset by the
         client, or the connection closed. Nothing more can be sent."""
-
-
-class _Transport(TypingProtocol):
-    """What the protocol needs of its transport: Twisted's TCP and TLS
-    transports as they are."""
-
-    def write(self, data: bytes) -> None: ...
-    def loseConnection(self) -> None: ...
-    def abortConnection(self) -> None: ...
-    def pauseProducing(self) -> None: ...
-    def resumeProducing(self) -> None: ...
-    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
-    def unregisterProducer(self) -> None: ...
-    def getPeer(self) -> IAddress: ...
-    def getHost(self) -> IAddress: ...
 
 
 class H2Stream:
@@ -471,8 +456,8 @@ class H2ServerProtocol(Protocol):
         pass
 
     @property
-    def _transport(self) -> _Transport:
-        return cast(_Transport, self.transport)
+    def _transport(self) -> ClientTransport:
+        return cast(ClientTransport, self.transport)
 
     # Used by streams ----------------------------------------------------------
 

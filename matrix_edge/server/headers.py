@@ -38,14 +38,19 @@ FORWARDING_HEADERS = frozenset(
     }
 )
 
-# Twisted answers "Expect: 100-continue" itself and the body is streamed at
+# The edge answers "Expect: 100-continue" itself and the body is streamed at
 # once, so Synapse must not wait to send a second 100.
 _REQUEST_DROPPED = FORWARDING_HEADERS | {b"expect"}
 
 
+# Connection values nearly every message carries, which name no header
+# beyond the hop-by-hop ones that are dropped anyway.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+
+
 def connection_tokens(values: Sequence[bytes] | None) -> frozenset[bytes]:
     """The lower-cased header names listed in ``Connection`` values."""
-    if not values:
+    if not values or (len(values) == 1 and values[0] in _PLAIN_CONNECTION):
         return frozenset()
     return frozenset(
         token.strip().lower()

@@ -16,9 +16,7 @@ socket pauses; each starts when the one before it is done.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, cast
-from typing import Protocol as TypingProtocol
+from typing import TYPE_CHECKING, cast
 
 import httptools
 from twisted.internet.interfaces import IPushProducer
@@ -30,7 +28,7 @@ from matrix_edge import errors
 from matrix_edge.errors import MatrixError, closing_response
 from matrix_edge.server.fields import Field, HeaderFields
 from matrix_edge.server.request import EdgeRequest
-from matrix_edge.server.sockets import set_no_delay
+from matrix_edge.server.sockets import ClientTransport, set_no_delay
 from matrix_edge.twisted_private import write_eagerly
 
 if TYPE_CHECKING:
@@ -55,21 +53,6 @@ _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 _HEAD = b"HEAD"
 
 log = Logger()
-
-
-class _Transport(TypingProtocol):
-    """What the connection uses of Twisted's TCP and TLS transports."""
-
-    def write(self, data: bytes) -> None: ...
-    def writeSequence(self, data: Iterable[bytes]) -> None: ...
-    def loseConnection(self) -> None: ...
-    def abortConnection(self) -> None: ...
-    def pauseProducing(self) -> None: ...
-    def resumeProducing(self) -> None: ...
-    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
-    def unregisterProducer(self) -> None: ...
-    def getHost(self) -> Any: ...
-    def getPeer(self) -> Any: ...
 
 
 class _Refused(Exception):
@@ -111,7 +94,7 @@ class HTTP11Connection(Protocol):
     it is answering."""
 
     lingers = True
-    _out: _Transport
+    _out: ClientTransport
     """The transport, typed for what is used of it."""
 
     def __init__(self, site: EdgeSite):
@@ -148,7 +131,7 @@ class HTTP11Connection(Protocol):
     # Connection events -------------------------------------------------------
 
     def connectionMade(self) -> None:
-        out = self._out = cast(_Transport, self.transport)
+        out = self._out = cast(ClientTransport, self.transport)
         set_no_delay(out)
         write_eagerly(out)
         self._site.idle.start(self)

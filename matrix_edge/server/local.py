@@ -129,8 +129,7 @@ class WellKnown:
         if request.method == b"OPTIONS":
             return LocalAnswer(204, [*CORS_HEADERS], b"")
         if request.method not in (b"GET", b"HEAD"):
-            answer = method_not_allowed(b"GET, HEAD, OPTIONS")
-            return answer
+            return method_not_allowed(b"GET, HEAD, OPTIONS")
         headers = [_JSON, WELL_KNOWN_CACHE, *CORS_HEADERS]
         return LocalAnswer(200, headers, self._body)
 

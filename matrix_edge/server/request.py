@@ -343,10 +343,6 @@ class EdgeRequest:
 
     def _answer_locally(self, local: LocalResource) -> None:
         answer = local.answer(self)
-        if isinstance(answer, MatrixError):
-            self._answer = answer
-            self._write_answer()
-            return
         headers = [*answer.headers, *self.site.own_headers()]
         self.respond(answer.code, reason_phrase(answer.code), headers, len(answer.body))
         if self.method != b"HEAD":

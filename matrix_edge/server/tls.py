@@ -147,6 +147,9 @@ class TLSServerConnection(Protocol):
             wrapped.dataReceived(plain)
             if self.disconnected:
                 return
+            if not self._incoming.pending and not tls.pending():
+                # All read: spares the exception the next read would raise.
+                break
         # Session tickets, alerts, key updates.
         self._send()
 

@@ -10,10 +10,8 @@ silence or a traceback.
 from __future__ import annotations
 
 import hashlib
-import json
 import socket
 
-import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -21,51 +19,19 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 
+from tests.http1_messages import (
+    VERSIONS,
+    Resp,
+    assert_json_error,
+    get,
+    post,
+    post_chunked,
+)
 from tests.rawhttp import connect
-
-VERSIONS = b"/_matrix/client/versions"
-X = b"/_matrix/client/v3/x"
-
-
-def get(target: bytes = VERSIONS, extra: bytes = b"", version: bytes = b"1.1"):
-    return b"GET %s HTTP/%s\r\nHost: h\r\n%s\r\n" % (target, version, extra)
-
-
-def post(body: bytes, target: bytes = X, extra: bytes = b"") -> bytes:
-    return b"POST %s HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n%s\r\n%s" % (
-        target,
-        len(body),
-        extra,
-        body,
-    )
-
-
-def post_chunked(chunks: bytes, target: bytes = X) -> bytes:
-    return b"POST %s HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n%s" % (
-        target,
-        chunks,
-    )
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@attrs.define
-class Resp:
-    version: bytes
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
-
-    def json(self) -> dict:
-        return json.loads(self.body)
 
 
 def _parse(buf: bytes, method: bytes, eof: bool) -> tuple[Resp, bytes] | None:
@@ -180,12 +146,6 @@ def pipeline(port: int, raw: bytes, count: int, **kwargs) -> tuple[list[Resp], b
         return answers, client.closed()
     finally:
         client.close()
-
-
-def assert_json_error(resp: Resp, status: int) -> None:
-    assert resp.status == status, resp
-    assert resp.header(b"content-type") == b"application/json"
-    assert {"errcode", "error"} <= set(resp.json())
 
 
 async def settle() -> None:

@@ -8,39 +8,19 @@ for each (a Matrix JSON error for bad input), never silence or a traceback.
 
 from __future__ import annotations
 
-import json
-
-import attrs
 import pytest
 from twisted.internet.testing import StringTransport
 
 from matrix_edge.server.request import LINGER_SECONDS
+from tests.http1_messages import (
+    VERSIONS,
+    Resp,
+    assert_json_error,
+    get,
+    post,
+    post_chunked,
+)
 from tests.unit.test_site import Harness, make_harness
-
-HOST = b"Host: h\r\n"
-VERSIONS = b"/_matrix/client/versions"
-
-
-def get(target: bytes = VERSIONS, extra: bytes = b"", version: bytes = b"1.1"):
-    return b"GET %s HTTP/%s\r\n%s%s\r\n" % (target, version, HOST, extra)
-
-
-def post(body: bytes, target: bytes = b"/_matrix/client/v3/x", extra: bytes = b""):
-    return b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n%s\r\n%s" % (
-        target,
-        HOST,
-        len(body),
-        extra,
-        body,
-    )
-
-
-def post_chunked(chunks: bytes, target: bytes = b"/_matrix/client/v3/x") -> bytes:
-    return b"POST %s HTTP/1.1\r\n%sTransfer-Encoding: chunked\r\n\r\n%s" % (
-        target,
-        HOST,
-        chunks,
-    )
 
 
 def reply(n: int) -> bytes:
@@ -51,23 +31,6 @@ def reply(n: int) -> bytes:
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
     )
-
-
-@attrs.define
-class Resp:
-    version: bytes
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
-
-    def json(self) -> dict:
-        return json.loads(self.body)
 
 
 def dechunk(data: bytes) -> tuple[bytes, bool]:
@@ -117,12 +80,6 @@ def responses(data: bytes, method: bytes = b"GET", closed: bool = True) -> list[
 def final(data: bytes) -> list[Resp]:
     """The responses without the interim (1xx) ones."""
     return [r for r in responses(data) if r.status >= 200]
-
-
-def assert_json_error(resp: Resp, status: int) -> None:
-    assert resp.status == status, resp
-    assert resp.header(b"content-type") == b"application/json"
-    assert "errcode" in resp.json() and "error" in resp.json()
 
 
 def next_upstream(h: Harness) -> StringTransport:
@@ -574,7 +531,7 @@ def test_fields_at_the_limits_are_taken():
         b"GET "
         + VERSIONS
         + b" HTTP/1.1\r\n"
-        + HOST
+        + b"Host: h\r\n"
         + b"\r\n".join(fields)
         + b"\r\n\r\n"
     )
