@@ -50,7 +50,7 @@ class HeaderFields:
 
     def lowered(self) -> Iterable[tuple[bytes, Field]]:
         """(lower-case name, (name, value)) for each field, in order."""
-        return zip(self._lower, self.pairs, strict=True)
+        return zip(self._lower, self.pairs, strict=False)
 
     def __repr__(self) -> str:
         return f"HeaderFields({self.pairs!r})"
