@@ -84,6 +84,10 @@ class _Queued:
         self.ended = False
 
 
+# Why reading from the client is paused: requests parsed ahead wait, the
+# upstream cannot take more body, the input cannot be parsed.
+_PIPELINE, _BODY, _BROKEN = 1, 2, 4
+
 # Where the parser is in the message it reads.
 _BETWEEN, _HEAD_PART, _BODY = range(3)
 
@@ -115,14 +119,16 @@ class HTTP11Connection(Protocol):
         self._parsing: _Queued | None = None
         """A pipelined request whose body is being parsed, while another is
         answered."""
-        self._queue: deque[_Queued] = deque()
+        self._queue: deque[_Queued] | None = None
+        """Requests parsed ahead; made when a client first pipelines."""
         self._closing = False
         """No further request is read: the last one said so, or the input
         is broken."""
         self._broken: MatrixError | None = None
         """The answer to input that could not be parsed, due once the
         requests before it are answered."""
-        self._paused_for: set[str] = set()
+        self._paused_for = 0
+        """The reasons reading is paused for (_PIPELINE, _BODY, _BROKEN)."""
         self._chunked = False
         self._framed = False
         self._held: list[bytes] = []
@@ -180,7 +186,7 @@ class HTTP11Connection(Protocol):
         site.header_deadlines.stop(self)
         site.idle.stop(self)
         self._closing = True
-        self._queue.clear()
+        self._queue = None
         self._parsing = None
         request, self._request = self._request, None
         if request is not None:
@@ -274,8 +280,10 @@ class HTTP11Connection(Protocol):
             self._begin(request, expects)
         else:
             queued = self._parsing = _Queued(request, keep_alive, expects)
+            if self._queue is None:
+                self._queue = deque()
             self._queue.append(queued)
-            self._pause("pipeline")
+            self._pause(_PIPELINE)
 
     def on_body(self, data: bytes) -> None:
         queued = self._parsing
@@ -360,7 +368,7 @@ class HTTP11Connection(Protocol):
     def done(self) -> None:
         self._request = None
         # Back-pressure on its body ends with the request.
-        self._resume("body")
+        self._resume(_BODY)
         self._after_request()
 
     def register_producer(self, producer: IPushProducer) -> None:
@@ -370,10 +378,10 @@ class HTTP11Connection(Protocol):
         self._out.unregisterProducer()
 
     def pause_reading(self) -> None:
-        self._pause("body")
+        self._pause(_BODY)
 
     def resume_reading(self) -> None:
-        self._resume("body")
+        self._resume(_BODY)
 
     def close_after_response(self) -> None:
         self._keep_alive = False
@@ -434,7 +442,7 @@ class HTTP11Connection(Protocol):
         if self._parsing is queued:
             self._parsing = None
         if not self._queue:
-            self._resume("pipeline")
+            self._resume(_PIPELINE)
         self._begin(request, queued.expects_continue)
         for chunk in queued.chunks:
             if self._request is not request:
@@ -473,13 +481,14 @@ class HTTP11Connection(Protocol):
         ``error`` is the answer once the requests before it are answered."""
         was_closing, self._closing = self._closing, True
         self._site.header_deadlines.stop(self)
-        self._pause("broken")
+        self._pause(_BROKEN)
         if was_closing:
             # Bytes after a request that ended the connection: not read.
             return
         ahead = self._parsing
         if ahead is not None:
             # A request parsed ahead whose body broke: it never starts.
+            assert self._queue is not None
             self._queue.remove(ahead)
             self._parsing = None
         request = self._request
@@ -507,14 +516,13 @@ class HTTP11Connection(Protocol):
         self.flush()
         self._out.loseConnection()
 
-    def _pause(self, reason: str) -> None:
+    def _pause(self, reason: int) -> None:
         if not self._paused_for:
             self._out.pauseProducing()
-        self._paused_for.add(reason)
+        self._paused_for |= reason
 
-    def _resume(self, reason: str) -> None:
-        paused = self._paused_for
-        if reason in paused:
-            paused.discard(reason)
-            if not paused:
+    def _resume(self, reason: int) -> None:
+        if self._paused_for & reason:
+            self._paused_for &= ~reason
+            if not self._paused_for:
                 self._out.resumeProducing()
