@@ -96,3 +96,69 @@ def test_a_client_that_keeps_sending_is_cut_off(tmp_path):
     protocol.dataReceived(b"x" * DRAIN_BYTES)
     assert transport.aborted
     assert not clock.getDelayedCalls()
+
+
+class _Echo(_Recorder):
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        assert self.transport is not None
+        self.transport.write(b"echo:" + data)
+
+
+def _tls_client(pki):
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(pki.ca_cert_path))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    return client, incoming, outgoing
+
+
+def test_tls_end_to_end_then_close_notify_fin_and_drain(tmp_path):
+    """Application data crosses the standard-library TLS layer both ways;
+    the wrapped protocol's close sends close_notify and FIN, then what the
+    client still sends is dropped until the drain time is up."""
+    import ssl
+
+    pki = make_pki(tmp_path)
+    clock = MemoryReactorClock()
+    factory = HTTPSOnlyFactory(
+        ServerTLS(pki.chain_path, pki.key_path), Factory.forProtocol(_Echo), clock
+    )
+    protocol = factory.buildProtocol(PEER)
+    transport = _HalfClosable(peerAddress=PEER)
+    protocol.makeConnection(transport)
+    client, incoming, outgoing = _tls_client(pki)
+
+    def pump() -> None:
+        for _ in range(10):
+            sent = outgoing.read()
+            if sent:
+                protocol.dataReceived(sent)
+            answer = transport.value()
+            transport.clear()
+            if answer:
+                incoming.write(answer)
+            if not sent and not answer:
+                return
+
+    while True:
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pump()
+    client.write(b"hello")
+    pump()
+    assert protocol.wrapped.received == b"hello"
+    assert client.read(100) == b"echo:hello"
+
+    protocol.wrapped.transport.loseConnection()
+    pump()
+    # The client's read ends cleanly: close_notify came.
+    assert client.read(100) == b""
+    assert transport.write_closed and not transport.aborted
+    protocol.dataReceived(b"late bytes, dropped")
+    assert protocol.wrapped.received == b"hello"
+    clock.advance(DRAIN_SECONDS)
+    assert transport.aborted
