@@ -150,8 +150,9 @@ class TLSServerConnection(Protocol):
             if not self._incoming.pending and not tls.pending():
                 # All read: spares the exception the next read would raise.
                 break
-        # Session tickets, alerts, key updates.
-        self._send()
+        if self._outgoing.pending:
+            # Session tickets, alerts, key updates.
+            self._send()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.disconnected = True
