@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import (
@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 
+from matrix_edge import twisted_private
 from matrix_edge.config._base import ConfigError
 from matrix_edge.config.edge import EdgeConfig, load_config
 from matrix_edge.config.listeners import ListenerConfig
@@ -222,6 +223,69 @@ def _reason(error: OSError, port: int) -> str:
     return reason
 
 
+class EdgeService(MultiService):
+    """The edge's service tree. Stopping it stops gracefully: the listeners
+    stop accepting (and child processes are told to stop, which they do the
+    same way), open client connections drain (idle ones close, HTTP/2
+    clients get GOAWAY, requests in flight are answered) for up to
+    ``timeouts.drain``, and only then does the rest stop."""
+
+    def __init__(self, reactor: Any, drain_seconds: float):
+        super().__init__()
+        self._reactor = reactor
+        self._drain_seconds = drain_seconds
+        self.sites: list[EdgeSite] = []
+        self.first_to_stop: list[IService] = []
+        """Stopped at once: the listeners, the child processes."""
+
+    def stopService(self) -> Deferred[None]:
+        first = [
+            maybeDeferred(service.stopService)
+            for service in self.first_to_stop
+            if service.running
+        ]
+        open_now = sum(len(site.connections) for site in self.sites)
+        if open_now:
+            log.info(
+                "Stopping: {count} client connection(s) drain for up to {seconds}s",
+                count=open_now,
+                seconds=self._drain_seconds,
+            )
+        drained = gatherResults([site.drain() for site in self.sites])
+        deadline = self._reactor.callLater(self._drain_seconds, self._time_up)
+        done: Deferred[None] = Deferred()
+
+        def stop_the_rest(_: object) -> None:
+            if deadline.active():
+                deadline.cancel()
+            Service.stopService(self)
+            rest = [
+                maybeDeferred(service.stopService)
+                for service in reversed(list(self))
+                if service.running
+            ]
+            gatherResults(first + rest).addBoth(lambda _: done.callback(None))
+
+        def drained_in_time(_: object) -> None:
+            if deadline.active():
+                # Everything in flight was answered: a clean exit.
+                twisted_private.exit_cleanly(self._reactor)
+            stop_the_rest(_)
+
+        drained.addBoth(drained_in_time)
+        return done
+
+    def _time_up(self) -> None:
+        left = sum(len(site.connections) for site in self.sites)
+        log.warn(
+            "Drain time ({seconds}s) is up: closing {count} client connection(s)",
+            seconds=self._drain_seconds,
+            count=left,
+        )
+        for site in self.sites:
+            site.connections.abort()
+
+
 class UpstreamService(Service):
     """Closes the idle upstream connections at shutdown."""
 
@@ -288,7 +352,7 @@ def make_service(
     ``inherited`` sockets it got from the first process.
     """
     tls = load_tls(config)
-    top = MultiService()
+    top = EdgeService(reactor, config.timeouts.drain)
     upstreams: dict[UpstreamAddress, Upstream] = {}
 
     def upstream_for(address: UpstreamAddress, web_server: bool = False) -> Upstream:
@@ -340,6 +404,8 @@ def make_service(
         )
         listening.setServiceParent(top)
         listening_services.append(listening)
+        top.sites.append(site)
+        top.first_to_stop.append(listening)
     try:
         for listening in listening_services:
             listening.bind()
@@ -370,6 +436,7 @@ def make_service(
             reactor, config.processes - 1, config_path, bound_sockets
         )
         supervisor.setServiceParent(top)
+        top.first_to_stop.append(supervisor)
         reloader.add_callback(supervisor.reload)
     return top
 

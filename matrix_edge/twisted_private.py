@@ -1,9 +1,10 @@
 """The private parts of Twisted the edge still relies on, in one place;
 tests/unit/test_twisted_private.py fails if a Twisted release removes them.
 
-Two remain: the send buffer of Twisted's TCP connections, which
-L{write_eagerly} bypasses while it is empty, and twistd's choice of log
-observer, which ``log_level`` filters.
+Three remain: the send buffer of Twisted's TCP connections, which
+L{write_eagerly} bypasses while it is empty; twistd's choice of log
+observer, which ``log_level`` filters; and the signal twistd re-raises at
+exit, which a graceful stop clears (L{exit_cleanly}).
 """
 
 from __future__ import annotations
@@ -53,6 +54,15 @@ def write_eagerly(transport: object) -> None:
 
     connection.write = write
     connection.writeSequence = write_sequence
+
+
+def exit_cleanly(reactor: Any) -> None:
+    """Make twistd exit 0 after a SIGTERM or SIGINT that stopped the edge
+    gracefully. The reactor records the signal that stopped it, and twistd
+    kills itself with it once the reactor is done, so that its exit status
+    says "killed by SIGTERM" even when every request was answered."""
+    if hasattr(reactor, "_exitSignal"):
+        reactor._exitSignal = None
 
 
 def twistd_default_observer(server_options: Any) -> Any:

@@ -158,6 +158,13 @@ class UpstreamProtocol(Protocol):
             return
         if path == b"/hang":
             return
+        if path == b"/slow":
+            # A long-poll: answered after ``s`` seconds.
+            from twisted.internet import reactor
+
+            seconds = float(args.get("s", ["1"])[0])
+            reactor.callLater(seconds, self._respond, 200, b'{"slow": true}')  # type: ignore[attr-defined]
+            return
         if path == b"/big":
             size = int(float(args["mb"][0]) * 1024 * 1024)
             self.transport.write(

@@ -31,8 +31,13 @@ class TimeoutsConfig:
     byte resets ``client_idle``, so without this a client trickling its
     headers (slowloris) would hold a connection for ever."""
 
+    drain: float = 60.0
+    """On SIGTERM, how long requests in flight may take to finish before the
+    edge exits anyway; long enough for a /sync long-poll (30s)."""
+
 
 _KEYS = (
+    "drain",
     "upstream_connect",
     "upstream_response",
     "body_idle",

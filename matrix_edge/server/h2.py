@@ -37,6 +37,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack.exceptions
+import hyperframe.frame
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -49,6 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from matrix_edge.errors import MatrixError
+from matrix_edge.server.connections import ClientConnections
 from matrix_edge.server.h2_frames import FrameWatch
 from matrix_edge.server.h2_head import Header, RequestHead, parse_request_head
 from matrix_edge.server.sockets import ClientTransport, set_no_delay
@@ -314,8 +316,11 @@ class H2ServerProtocol(Protocol):
         idle_timeout: float,
         stall_timeout: float,
         header_deadline: HeaderDeadline | None = None,
+        connections: ClientConnections | None = None,
     ):
         self._new_handler = new_handler
+        self._connections = connections
+        self._draining = False
         self._clock = clock
         self._settings = settings
         self._idle_timeout = idle_timeout
@@ -378,6 +383,33 @@ class H2ServerProtocol(Protocol):
             self._deadline.start(self)
         self._arm_idle()
         self._flush()
+        if self._connections is not None:
+            self._connections.add(self)
+
+    def drain(self) -> None:
+        """The edge is stopping: GOAWAY names the last stream taken, streams
+        the client opens after it are refused, and the connection closes
+        once the streams in progress are answered.
+
+        The GOAWAY is written past h2, which would otherwise close its
+        state machine and end the streams still being answered."""
+        if self._draining or self._closing:
+            return
+        self._draining = True
+        if not self._streams:
+            self.close(ErrorCodes.NO_ERROR)
+            return
+        self._flush()
+        frame = hyperframe.frame.GoAwayFrame(0)
+        frame.last_stream_id = self._last_stream_id
+        frame.error_code = ErrorCodes.NO_ERROR
+        if self.transport is not None and not self._lost:
+            self.transport.write(frame.serialize())
+
+    def abort(self) -> None:
+        """Close now (the drain time is up)."""
+        if self.transport is not None and not self._lost:
+            self._transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -415,6 +447,8 @@ class H2ServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
+        if self._connections is not None:
+            self._connections.remove(self)
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
@@ -613,6 +647,15 @@ class H2ServerProtocol(Protocol):
         # comes with them ends the request. Anything else needs no action.
 
     def _request(self, event: h2.events.RequestReceived) -> None:
+        if self._draining:
+            # After the GOAWAY: not acted on, and the client may retry it
+            # on another connection.
+            conn = self._conn
+            assert conn is not None
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            self._flush()
+            return
         self._cancel_idle()
         stream_id = self._last_stream_id = event.stream_id
         ended = event.stream_ended is not None
@@ -740,7 +783,10 @@ class H2ServerProtocol(Protocol):
                 self._conn.acknowledge_received_data(unacknowledged, stream.id)
         self._blocked.pop(stream.id, None)
         if self._streams.pop(stream.id, None) is not None and not self._streams:
-            self._arm_idle()
+            if self._draining:
+                self._clock.callLater(0, self.close, ErrorCodes.NO_ERROR)
+            else:
+                self._arm_idle()
 
     def _stream_gone(self, stream: H2Stream, reason: Failure) -> None:
         handler, stream.handler = stream.handler, None

@@ -140,6 +140,7 @@ class HTTP11Connection(Protocol):
         out = self._out = cast(ClientTransport, self.transport)
         set_no_delay(out)
         write_eagerly(out)
+        self._site.connections.add(self)
         self._site.idle.start(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -183,6 +184,7 @@ class HTTP11Connection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         site = self._site
+        site.connections.remove(self)
         site.header_deadlines.stop(self)
         site.idle.stop(self)
         self._closing = True
@@ -204,6 +206,14 @@ class HTTP11Connection(Protocol):
         )
         self._close_with(MatrixError(408, "M_UNKNOWN", "Request headers took too long"))
 
+    def drain(self) -> None:
+        """The edge is stopping: no further request is read; the one being
+        answered is the last (``Connection: close``), or, with none, the
+        connection closes now."""
+        self._keep_alive = False
+        if self._request is None:
+            self._close()
+
     def idle_too_long(self) -> None:
         """No request for ``timeouts.client_idle``: the connection closes."""
         self._close()
@@ -211,7 +221,7 @@ class HTTP11Connection(Protocol):
     # llhttp's callbacks --------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._closing:
+        if self._closing or self._site.connections.draining:
             # After a request that closes the connection, nothing more is
             # parsed, let alone forwarded.
             raise _Ignored()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from email.utils import formatdate
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 
@@ -16,6 +17,7 @@ from matrix_edge.pools.dispatch import Dispatcher
 from matrix_edge.server.accesslog import AccessLog
 from matrix_edge.server.accesslog_file import AccessLogFile
 from matrix_edge.server.alpn import NegotiatedProtocol
+from matrix_edge.server.connections import ClientConnections
 from matrix_edge.server.deadlines import HeaderDeadlines
 from matrix_edge.server.fields import Field
 from matrix_edge.server.h2 import H2ServerProtocol, H2Settings
@@ -82,6 +84,7 @@ class EdgeSite(ServerFactory):
             lambda connection: connection.idle_too_long(),
         )
         self._h2_settings = H2Settings()
+        self.connections = ClientConnections()
         self._date_second = -1
         self._date = b""
 
@@ -105,7 +108,14 @@ class EdgeSite(ServerFactory):
             self.config.timeouts.client_idle,
             self.config.timeouts.body_idle,
             self.header_deadlines,
+            self.connections,
         )
+
+    def drain(self) -> Deferred[None]:
+        """Stop taking requests: idle connections close now, busy ones
+        once their requests are answered (HTTP/2 clients get GOAWAY).
+        Fires when the last connection has closed."""
+        return self.connections.drain()
 
     def own_headers(self) -> list[Field]:
         """Headers of the edge's own answers: ``Date``, as an origin server

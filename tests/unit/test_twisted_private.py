@@ -41,3 +41,22 @@ def test_tcp_connections_keep_the_send_buffer_write_eagerly_reads():
     finally:
         left.close()
         right.close()
+
+
+def test_the_reactor_records_the_signal_that_stopped_it():
+    """exit_cleanly clears what twistd re-raises at exit."""
+    from twisted.internet import reactor
+
+    from matrix_edge.twisted_private import exit_cleanly
+
+    assert hasattr(reactor, "_exitSignal")
+    from twisted.application import app
+
+    assert hasattr(app, "_exitWithSignal")
+
+    class Stopped:
+        _exitSignal = 15
+
+    stopped = Stopped()
+    exit_cleanly(stopped)
+    assert stopped._exitSignal is None
