@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import os
 
 import attrs
 
@@ -17,6 +16,7 @@ from matrix_edge.config._base import (
     read_sequence,
     read_str,
 )
+from matrix_edge.config.files import unreadable_reason
 from matrix_edge.config.proxies import IPNetwork, parse_networks
 from matrix_edge.config.upstream import UpstreamAddress, parse_upstream
 
@@ -209,10 +209,9 @@ def _parse_certificate(value: object, path: KeyPath) -> CertificateFiles:
         if key not in data:
             fail((*path, key), "required")
         file_path = read_str(data[key], (*path, key))
-        if not os.path.isfile(file_path):
-            fail((*path, key), f"file not found: {file_path}")
-        if not os.access(file_path, os.R_OK):
-            fail((*path, key), f"file not readable: {file_path}")
+        problem = unreadable_reason(file_path)
+        if problem is not None:
+            fail((*path, key), problem)
         paths[key] = file_path
     return CertificateFiles(**paths)
 

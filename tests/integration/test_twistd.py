@@ -594,7 +594,50 @@ def test_daemon_start_fails_fast_on_an_unreadable_key(tmp_path: Path) -> None:
         result,
         elapsed,
         pidfile,
-        f"listeners[0].tls.private_key_path: file not readable: {key}",
+        f"listeners[0].tls.private_key_path: file not readable by user root: {key}",
+    )
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to take privileges away",
+)
+def test_a_key_behind_an_unsearchable_directory_names_the_directory(
+    tmp_path: Path,
+) -> None:
+    """As with certbot's 0700 live/ directory for another user: the file
+    is there, the directory on its way is what stops the edge."""
+    pki = make_pki(tmp_path / "pki")
+    live = tmp_path / "live"
+    live.mkdir()
+    key = live / "privkey.pem"
+    key.write_bytes(pki.key_path.read_bytes())
+    live.chmod(0o600)
+    config = processes.write_config(
+        tmp_path / "edge.yaml",
+        {
+            "listeners": [
+                {
+                    "port": processes.free_port(),
+                    "bind_addresses": ["127.0.0.1"],
+                    "tls": {
+                        "certificate_path": str(pki.chain_path),
+                        "private_key_path": str(key),
+                    },
+                }
+            ],
+            "upstream": "http://127.0.0.1:8008",
+        },
+    )
+    try:
+        result, elapsed, pidfile = _start_daemon(tmp_path, config, _WITHOUT_PRIVILEGE)
+    finally:
+        live.chmod(0o700)
+    _assert_failed_start(
+        result,
+        elapsed,
+        pidfile,
+        f"listeners[0].tls.private_key_path: permission denied on directory {live}",
     )
 
 

@@ -389,3 +389,17 @@ def test_server_header_refused(value, message):
     with pytest.raises(ConfigError) as e:
         parse_config({**_minimal(), "server_header": value})
     assert message in str(e.value)
+
+
+def test_unreadable_reason_says_what_is_wrong_with_a_file(tmp_path):
+    from matrix_edge.config.files import unreadable_reason
+
+    present = tmp_path / "key.pem"
+    present.write_text("x")
+    assert unreadable_reason(str(present)) is None
+    assert unreadable_reason(str(tmp_path / "nope.pem")) == (
+        f"file not found: {tmp_path / 'nope.pem'}"
+    )
+    assert unreadable_reason(str(tmp_path)) == (
+        f"is a directory, not a file: {tmp_path}"
+    )
