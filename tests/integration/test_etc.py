@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests import processes
@@ -26,8 +28,8 @@ def _sample_config(tmp_path: Path) -> tuple[Path, int]:
     pki = make_pki(tmp_path / "pki")
     text = (ETC / "matrix-edge.yaml").read_text()
     text = text.replace(
-        "/etc/letsencrypt/live/matrix.example.com/fullchain.pem", str(pki.chain_path)
-    ).replace("/etc/letsencrypt/live/matrix.example.com/privkey.pem", str(pki.key_path))
+        "/etc/matrix-edge/tls/fullchain.pem", str(pki.chain_path)
+    ).replace("/etc/matrix-edge/tls/privkey.pem", str(pki.key_path))
     document = yaml.safe_load(text)
     assert [entry["port"] for entry in document["listeners"]] == [443, 8448]
     assert document["upstream"] == "http://127.0.0.1:8008"
@@ -184,3 +186,25 @@ def test_systemd_unit_commands(tmp_path: Path) -> None:
     # twistd ends by re-raising the signal it stopped on, which systemd
     # counts as a clean stop for SIGTERM.
     assert process.popen.returncode in (0, -signal.SIGTERM)
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="needs systemd-analyze"
+)
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the unit, with its commands pointed
+    at this checkout's twistd."""
+    unit = tmp_path / "matrix-edge.service"
+    unit.write_text(
+        (ETC / "matrix-edge.service")
+        .read_text()
+        .replace("/opt/matrix-edge/bin/twistd", processes.TWISTD)
+    )
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "matrix-edge.service" not in result.stderr, result.stderr
