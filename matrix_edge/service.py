@@ -9,7 +9,6 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-import attrs
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
@@ -24,6 +23,7 @@ from twisted.python.failure import Failure
 
 from matrix_edge import twisted_private
 from matrix_edge.config._base import ConfigError
+from matrix_edge.config.changes import changed_keys
 from matrix_edge.config.edge import EdgeConfig, load_config
 from matrix_edge.config.listeners import ListenerConfig
 from matrix_edge.config.upstream import UpstreamAddress
@@ -464,9 +464,15 @@ def reload_settings(config_path: str, running: EdgeConfig, live: LiveSettings) -
             "Maintenance mode is now {state}",
             state="on" if fresh.maintenance.enabled else "off",
         )
-    if attrs.evolve(fresh, maintenance=running.maintenance) != running:
+    waiting = [
+        key
+        for key in changed_keys(running, fresh)
+        if key != "maintenance" and not key.startswith("maintenance.")
+    ]
+    if waiting:
         log.warn(
-            "{path} has changes other than `maintenance`; they apply after a restart",
+            "{path}: changes to {keys} apply after a restart",
             path=config_path,
+            keys=", ".join(waiting),
         )
     return True

@@ -68,7 +68,7 @@ class EdgeConfig:
     access_log: AccessLogConfig = attrs.field(factory=AccessLogConfig)
     log_level: LogLevelSetting = LogLevelSetting.INFO
     """The least severe events written to twistd's log (and relayed from
-    workers)."""
+    child processes)."""
 
     well_known: WellKnownConfig = attrs.field(factory=WellKnownConfig)
     maintenance: MaintenanceConfig = attrs.field(factory=MaintenanceConfig)

@@ -13,7 +13,7 @@ from matrix_edge.config._base import (
     parse_duration,
     parse_size,
 )
-from matrix_edge.config.edge import default_config_text, parse_config
+from matrix_edge.config.edge import default_config_text, load_config, parse_config
 from matrix_edge.config.log_level import LogLevelSetting
 from matrix_edge.config.well_known import check_server_name
 
@@ -403,3 +403,59 @@ def test_unreadable_reason_says_what_is_wrong_with_a_file(tmp_path):
     assert unreadable_reason(str(tmp_path)) == (
         f"is a directory, not a file: {tmp_path}"
     )
+
+
+def test_changed_keys_are_named_as_in_the_file():
+    from matrix_edge.config.changes import changed_keys
+
+    base = {
+        "listeners": [{"port": 8443, "bind_addresses": ["127.0.0.1"]}],
+        "upstream": "http://127.0.0.1:8008",
+    }
+    old = parse_config(base)
+    assert changed_keys(old, parse_config(base)) == []
+    new = parse_config(
+        {
+            **base,
+            "listeners": [{"port": 9443, "bind_addresses": ["127.0.0.1"]}],
+            "upstream": "http://127.0.0.1:8009",
+            "timeouts": {"drain": "10s"},
+        }
+    )
+    # The tag follows the port unless set: it changed too.
+    assert changed_keys(old, new) == [
+        "listeners[0].port",
+        "listeners[0].tag",
+        "upstream",
+        "timeouts.drain",
+    ]
+    second = {"port": 8448, "bind_addresses": ["127.0.0.1"], "type": "federation"}
+    more = parse_config({**base, "listeners": [*base["listeners"], second]})
+    assert changed_keys(old, more) == ["listeners"]
+
+
+def test_sighup_names_what_waits_for_a_restart(tmp_path):
+    from twisted.logger import globalLogPublisher
+
+    from matrix_edge.server.router import LiveSettings
+    from matrix_edge.service import reload_settings
+
+    path = tmp_path / "edge.yaml"
+    path.write_text(
+        "listeners: [{port: 8443, bind_addresses: ['127.0.0.1']}]\n"
+        "upstream: http://127.0.0.1:8008\n"
+    )
+    running = load_config(str(path))
+    path.write_text(
+        "listeners: [{port: 8443, bind_addresses: ['127.0.0.1']}]\n"
+        "upstream: http://127.0.0.1:8009\n"
+        "maintenance: {enabled: true}\n"
+    )
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        assert reload_settings(str(path), running, LiveSettings(running.maintenance))
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    warnings = [e for e in seen if "apply after a restart" in e.get("log_format", "")]
+    assert [e["keys"] for e in warnings] == ["upstream"]
