@@ -1,4 +1,4 @@
-"""A real browser client through matrix-edge over HTTP/2.
+"""A real browser client through matrix-edge, over HTTP/2 and HTTP/1.1.
 
 Debian's Chromium, headless, runs browser/page.js with matrix-js-sdk against
 hs1.test: log in twice (a writer and a reader session), create a room, send
@@ -14,7 +14,9 @@ and reuses the HPACK dynamic table across requests. The test checks that the
 scenario passed and that HTTP/2 was used, from both ends: Chromium's NetLog
 (its HTTP/2 sessions and the header lists it sent on them) and the edge's
 access log (the protocol of every request from the browser, preflights
-included).
+included). The same scenario runs again with ``--disable-http2``, against the
+edge's own HTTP/1.1 protocol: Chromium's keep-alive connections, its header
+order and its preflights over HTTP/1.1.
 
 The browser trusts the suite's CA through an NSS database in a HOME of its
 own, resolves hs1.test through a host rule, and can reach nothing else: every
@@ -29,6 +31,7 @@ import re
 import secrets
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -197,9 +200,15 @@ def describe_steps(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def test_browser_client_over_http2(
-    cluster: Cluster, processes: ProcessGroup, browser: Browser, tmp_path: Path
-) -> None:
+def run_browser_scenario(
+    cluster: Cluster,
+    processes: ProcessGroup,
+    browser: Browser,
+    tmp_path: Path,
+    flags: Sequence[str] = (),
+) -> tuple[dict, str]:
+    """Run the page's scenario against hs1 in headless Chromium (with
+    ``flags``); its result, and what hs1's edge logged meanwhile."""
     hs1 = cluster.hs1
     assert hs1.edge is not None
     user = f"browser-{secrets.token_hex(4)}"
@@ -236,7 +245,7 @@ def test_browser_client_over_http2(
                 f"http://127.0.0.1:{port}/index.html#{fragment}",
                 {hs1.server_name: hs1.ip},
                 # Console messages of the page into the browser's log.
-                extra=["--enable-logging=stderr", "--v=0"],
+                extra=["--enable-logging=stderr", "--v=0", *flags],
             ),
             env={"HOME": str(home)},
         )
@@ -259,38 +268,15 @@ def test_browser_client_over_http2(
 
     summary = describe_steps(result)
     print(f"\nbrowser scenario:\n{summary}")
-
-    # The browser's side: HTTP/2 to the homeserver, nowhere else but
-    # loopback, and the requests with a body and a token sent the way
-    # browsers send them, content-length ahead of authorization.
-    netlog = read_netlog(tmp_path / "netlog.json")
-    assert netlog.http2_hosts == {f"{hs1.server_name}:443"}, netlog.http2_hosts
-    assert all(a.startswith("127.") for a in netlog.connected_to), netlog.connected_to
-    create_room = [
-        header_names(lines)
-        for lines in netlog.http2_requests
-        if ":method: POST" in lines and ":path: /_matrix/client/v3/createRoom" in lines
-    ]
-    assert create_room, "Chromium sent no POST /createRoom on an HTTP/2 stream"
-    names = create_room[0]
-    assert "authorization" in names, names
-    assert names.index("content-length") < names.index("authorization"), (
-        f"Chromium no longer sends content-length before authorization, so this "
-        f"test no longer covers that order: {names}"
-    )
-
-    # The edge's side: every request from the browser came over HTTP/2, and
-    # the cross-origin ones were preflighted.
     log = hs1.edge.log_path.read_bytes()[edge_log_start:].decode(errors="replace")
-    seen = access_lines(log, "HeadlessChrome")
-    assert seen, "the edge logged no request from the browser"
-    protocols = {entry["protocol"] for entry in seen}
-    assert protocols == {"HTTP/2"}, protocols
-    preflights = [entry for entry in seen if entry["method"] == "OPTIONS"]
-    assert preflights, "no CORS preflight reached the edge"
-    assert all(entry["status"] in ("200", "204") for entry in preflights), preflights
+    return result, log
 
-    # The scenario itself.
+
+def check_scenario(result: dict, seen: list[dict]) -> None:
+    """The scenario itself, whichever protocol carried it: every step
+    done, the message woke a waiting /sync, media went both ways, and the
+    edge logged the requests that did it."""
+    summary = describe_steps(result)
     failed = [step for step in result["steps"] if not step.get("ok")]
     assert not failed, f"the browser scenario failed:\n{summary}"
     assert [step["name"] for step in result["steps"]] == STEPS, summary
@@ -319,4 +305,61 @@ def test_browser_client_over_http2(
             and entry["status"] == "200"
             and re.match(target, entry["target"])
             for entry in seen
-        ), f"the edge logged no {method} {target} answered 200 over HTTP/2"
+        ), f"the edge logged no {method} {target} answered 200"
+
+
+def test_browser_client_over_http2(
+    cluster: Cluster, processes: ProcessGroup, browser: Browser, tmp_path: Path
+) -> None:
+    hs1 = cluster.hs1
+    assert hs1.edge is not None
+    result, log = run_browser_scenario(cluster, processes, browser, tmp_path)
+
+    # The browser's side: HTTP/2 to the homeserver, nowhere else but
+    # loopback, and the requests with a body and a token sent the way
+    # browsers send them, content-length ahead of authorization.
+    netlog = read_netlog(tmp_path / "netlog.json")
+    assert netlog.http2_hosts == {f"{hs1.server_name}:443"}, netlog.http2_hosts
+    assert all(a.startswith("127.") for a in netlog.connected_to), netlog.connected_to
+    create_room = [
+        header_names(lines)
+        for lines in netlog.http2_requests
+        if ":method: POST" in lines and ":path: /_matrix/client/v3/createRoom" in lines
+    ]
+    assert create_room, "Chromium sent no POST /createRoom on an HTTP/2 stream"
+    names = create_room[0]
+    assert "authorization" in names, names
+    assert names.index("content-length") < names.index("authorization"), (
+        f"Chromium no longer sends content-length before authorization, so this "
+        f"test no longer covers that order: {names}"
+    )
+
+    # The edge's side: every request from the browser came over HTTP/2, and
+    # the cross-origin ones were preflighted.
+    seen = access_lines(log, "HeadlessChrome")
+    assert seen, "the edge logged no request from the browser"
+    protocols = {entry["protocol"] for entry in seen}
+    assert protocols == {"HTTP/2"}, protocols
+    preflights = [entry for entry in seen if entry["method"] == "OPTIONS"]
+    assert preflights, "no CORS preflight reached the edge"
+    assert all(entry["status"] in ("200", "204") for entry in preflights), preflights
+
+    check_scenario(result, seen)
+
+
+def test_browser_client_over_http11(
+    cluster: Cluster, processes: ProcessGroup, browser: Browser, tmp_path: Path
+) -> None:
+    """The same scenario with HTTP/2 turned off in the browser: Chromium's
+    HTTP/1.1 (keep-alive, its header order, CORS preflights) against the
+    edge's own HTTP/1.1 protocol."""
+    result, log = run_browser_scenario(
+        cluster, processes, browser, tmp_path, flags=["--disable-http2"]
+    )
+    seen = access_lines(log, "HeadlessChrome")
+    assert seen, "the edge logged no request from the browser"
+    assert {entry["protocol"] for entry in seen} == {"HTTP/1.1"}
+    preflights = [entry for entry in seen if entry["method"] == "OPTIONS"]
+    assert preflights, "no CORS preflight reached the edge"
+    assert all(entry["status"] in ("200", "204") for entry in preflights), preflights
+    check_scenario(result, seen)
