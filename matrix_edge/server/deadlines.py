@@ -1,29 +1,23 @@
-"""Deadlines for request headers, kept by one timer per site.
+"""Deadlines of client connections, kept by one timer per site and kind.
 
-Every byte a client sends resets the idle timeout, so a client that
-trickles its headers a byte at a time (slowloris) would hold a connection
-for ever; this bounds the time from a request's first byte to the end of
-its headers instead. One timer for all connections, rather than one set
-and cancelled per request, keeps the cost per request to two dict updates.
+A site keeps two: from a request's first byte to the end of its headers
+(a client trickling its headers, slowloris, is bounded by it), and the
+idle time between requests on a keep-alive connection. One timer for all
+connections, rather than one set and cancelled per request, keeps the cost
+per request to two dict updates each.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 T = TypeVar("T", bound=Hashable)
 
 
-class SlowHeaders(Hashable, Protocol):
-    """A client connection (HTTP/1.1 or HTTP/2) whose deadline can pass."""
-
-    def headers_too_slow(self) -> None: ...
-
-
-class HeaderDeadlines(Generic[T]):
+class Deadlines(Generic[T]):
     """Calls ``expired(connection)`` for each connection started and not
     stopped within ``seconds``."""
 

@@ -49,7 +49,8 @@ HOLD_LIMIT = 64 * 1024
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
-_VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+HTTP11 = b"HTTP/1.1"
+_VERSIONS = {"1.1": HTTP11, "1.0": b"HTTP/1.0"}
 _HEAD = b"HEAD"
 
 log = Logger()
@@ -195,7 +196,7 @@ class HTTP11Connection(Protocol):
             request.connection_lost(reason)
 
     def headers_too_slow(self) -> None:
-        """The header deadline passed: see HeaderDeadlines."""
+        """The header deadline passed: see Deadlines."""
         if self._closing:
             return
         log.info(
@@ -266,7 +267,7 @@ class HTTP11Connection(Protocol):
         if not self._peer:
             # Known by now behind a PROXY protocol header too.
             self._peer = getattr(self._out.getPeer(), "host", "")
-        if version is not _VERSIONS["1.1"] and b"host" not in fields:
+        if version != HTTP11 and b"host" not in fields:
             fields.add(b"Host", self._default_host())
         request = EdgeRequest(
             site,
@@ -281,7 +282,7 @@ class HTTP11Connection(Protocol):
         keep_alive = parser.should_keep_alive()
         expects = (
             length != 0
-            and version is _VERSIONS["1.1"]
+            and version == HTTP11
             and (fields.first(b"expect") or b"").lower() == b"100-continue"
         )
         if self._request is None:
@@ -322,7 +323,7 @@ class HTTP11Connection(Protocol):
     ) -> None:
         request = self._request
         assert request is not None
-        http11 = request.clientproto is _VERSIONS["1.1"]
+        http11 = request.clientproto == HTTP11
         parts = [request.clientproto, b" %d " % code, phrase, b"\r\n"]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")

@@ -18,7 +18,7 @@ from matrix_edge.server.accesslog import AccessLog
 from matrix_edge.server.accesslog_file import AccessLogFile
 from matrix_edge.server.alpn import NegotiatedProtocol
 from matrix_edge.server.connections import ClientConnections
-from matrix_edge.server.deadlines import HeaderDeadlines
+from matrix_edge.server.deadlines import Deadlines
 from matrix_edge.server.fields import Field
 from matrix_edge.server.h2 import H2ServerProtocol, H2Settings
 from matrix_edge.server.h2_handler import H2RequestHandler
@@ -71,14 +71,14 @@ class EdgeSite(ServerFactory):
             dispatcher,
         )
         self.access_log = AccessLog(listener.tag, config.access_log, access_log_file)
-        self.header_deadlines: HeaderDeadlines[HTTP11Connection | H2ServerProtocol] = (
-            HeaderDeadlines(
+        self.header_deadlines: Deadlines[HTTP11Connection | H2ServerProtocol] = (
+            Deadlines(
                 clock,
                 config.timeouts.request_headers,
                 lambda connection: connection.headers_too_slow(),
             )
         )
-        self.idle: HeaderDeadlines[HTTP11Connection] = HeaderDeadlines(
+        self.idle: Deadlines[HTTP11Connection] = Deadlines(
             clock,
             config.timeouts.client_idle,
             lambda connection: connection.idle_too_long(),

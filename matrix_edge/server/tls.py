@@ -229,7 +229,8 @@ class TLSServerConnection(Protocol):
     def __getattr__(self, name: str) -> Any:
         # As Twisted's protocol wrappers do: socket options and the like
         # are the TCP connection's.
-        return getattr(self.__dict__["transport"], name)
+        # (Protocol.transport is a class attribute: no recursion here.)
+        return getattr(self.transport, name)
 
     # Internals ------------------------------------------------------------------
 

@@ -162,3 +162,19 @@ def test_tls_end_to_end_then_close_notify_fin_and_drain(tmp_path):
     assert protocol.wrapped.received == b"hello"
     clock.advance(DRAIN_SECONDS)
     assert transport.aborted
+
+
+def test_attributes_it_lacks_are_looked_up_on_the_tcp_connection(tmp_path):
+    """Socket options and the like come from the TCP connection; before
+    there is one, a lookup fails as any missing attribute does."""
+    pki = make_pki(tmp_path)
+    factory = HTTPSOnlyFactory(
+        ServerTLS(pki.chain_path, pki.key_path),
+        Factory.forProtocol(_Recorder),
+        MemoryReactorClock(),
+    )
+    protocol = factory.buildProtocol(PEER)
+    assert getattr(protocol, "loseWriteConnection", None) is None
+    transport = _HalfClosable(peerAddress=PEER)
+    protocol.makeConnection(transport)
+    assert protocol.loseWriteConnection == transport.loseWriteConnection
