@@ -9,7 +9,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
@@ -112,3 +113,39 @@ def memory_kib(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             out[key] = int(value.split()[0])
     return out
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0) -> None:
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.05)
+
+
+@contextmanager
+def edge_before_upstream(
+    tmp_path: Path, **settings: object
+) -> Iterator[tuple[int, Process]]:
+    """An edge before a recording upstream, with ``settings`` in its config,
+    stopped with the upstream on leaving; yields its port and process."""
+    upstream_port = free_port()
+    port = free_port()
+    config = write_config(
+        tmp_path / "edge.yaml",
+        {
+            "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
+            "upstream": f"http://127.0.0.1:{upstream_port}",
+            **settings,
+        },
+    )
+    upstream = start_upstream(upstream_port, tmp_path / "upstream.log")
+    try:
+        edge = start_edge(config, tmp_path / "edge.log", wait=("127.0.0.1", port))
+        try:
+            yield port, edge
+        finally:
+            edge.stop()
+    finally:
+        upstream.stop()

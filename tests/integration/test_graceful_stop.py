@@ -16,59 +16,33 @@ LONG_POLL = b"GET /_matrix/slow?s=2 HTTP/1.1\r\nHost: x\r\n\r\n"
 VERSIONS = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
-def _until(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.05)
-
-
 def test_sigterm_lets_a_long_poll_finish_and_refuses_new_connections(
     tmp_path: Path,
 ) -> None:
-    upstream_port = processes.free_port()
-    port = processes.free_port()
-    config = processes.write_config(
-        tmp_path / "edge.yaml",
-        {
-            "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
-            "upstream": f"http://127.0.0.1:{upstream_port}",
-        },
-    )
-    upstream = processes.start_upstream(upstream_port, tmp_path / "upstream.log")
-    try:
-        edge = processes.start_edge(
-            config, tmp_path / "edge.log", wait=("127.0.0.1", port)
-        )
-        try:
-            idle = socket.create_connection(("127.0.0.1", port), timeout=10)
-            idle.sendall(VERSIONS)
-            assert read_response(idle).status == 200
-            polling = socket.create_connection(("127.0.0.1", port), timeout=10)
-            polling.sendall(LONG_POLL)
-            time.sleep(0.5)  # the long-poll reaches the upstream
-            started = time.monotonic()
-            edge.popen.send_signal(signal.SIGTERM)
-            _until(lambda: "drain for up to" in edge.log())
+    with processes.edge_before_upstream(tmp_path) as (port, edge):
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        idle.sendall(VERSIONS)
+        assert read_response(idle).status == 200
+        polling = socket.create_connection(("127.0.0.1", port), timeout=10)
+        polling.sendall(LONG_POLL)
+        time.sleep(0.5)  # the long-poll reaches the upstream
+        started = time.monotonic()
+        edge.popen.send_signal(signal.SIGTERM)
+        processes.wait_until(lambda: "drain for up to" in edge.log())
 
-            # The idle keep-alive connection is closed at once.
-            assert idle.recv(1) == b""
-            # New connections are refused.
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=2).close()
-                raise AssertionError("a new connection was accepted while draining")
-            except ConnectionRefusedError:
-                pass
-            # The long-poll completes, as the last response on its connection.
-            answer = read_response(polling)
-            assert answer.status == 200
-            assert answer.body == b'{"slow": true}'
-            assert answer.header("Connection") == "close"
-            assert polling.recv(1) == b""
-            assert edge.popen.wait(10) == 0
-            assert time.monotonic() - started < 10
-        finally:
-            edge.stop()
-    finally:
-        upstream.stop()
+        # The idle keep-alive connection is closed at once.
+        assert idle.recv(1) == b""
+        # New connections are refused.
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            raise AssertionError("a new connection was accepted while draining")
+        except ConnectionRefusedError:
+            pass
+        # The long-poll completes, as the last response on its connection.
+        answer = read_response(polling)
+        assert answer.status == 200
+        assert answer.body == b'{"slow": true}'
+        assert answer.header("Connection") == "close"
+        assert polling.recv(1) == b""
+        assert edge.popen.wait(10) == 0
+        assert time.monotonic() - started < 10

@@ -11,11 +11,9 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -641,41 +639,6 @@ def test_a_key_behind_an_unsearchable_directory_names_the_directory(
     )
 
 
-@contextmanager
-def _edge_with(tmp_path: Path, **settings: object) -> Iterator[tuple[int, Any]]:
-    """An edge before a recording upstream, with C{settings} in its config,
-    stopped with the upstream on leaving."""
-    upstream_port = processes.free_port()
-    port = processes.free_port()
-    config = processes.write_config(
-        tmp_path / "edge.yaml",
-        {
-            "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
-            "upstream": f"http://127.0.0.1:{upstream_port}",
-            **settings,
-        },
-    )
-    upstream = processes.start_upstream(upstream_port, tmp_path / "upstream.log")
-    try:
-        edge = processes.start_edge(
-            config, tmp_path / "edge.log", wait=("127.0.0.1", port)
-        )
-        try:
-            yield port, edge
-        finally:
-            edge.stop()
-    finally:
-        upstream.stop()
-
-
-def _until(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.05)
-
-
 _VERSIONS = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n"
 _HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -691,13 +654,13 @@ _HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
 def test_log_level_filters_twistds_log(
     tmp_path: Path, level: str, probes: bool, requests: bool, start_up: bool
 ) -> None:
-    with _edge_with(tmp_path, log_level=level) as (port, edge):
+    with processes.edge_before_upstream(tmp_path, log_level=level) as (port, edge):
         assert exchange(port, _HEALTH).status == 200
         assert exchange(port, _VERSIONS).status == 200
         # Written after the access entries: the log has caught up.
         os.kill(edge.pid, signal.SIGHUP)
         if level != "warn":
-            _until(lambda: "Reloading" in edge.log())
+            processes.wait_until(lambda: "Reloading" in edge.log())
         else:
             time.sleep(1)
     log = edge.log()
@@ -749,16 +712,18 @@ def test_json_access_log_file_is_json_lines_and_reopened_on_sighup(
 ) -> None:
     access = tmp_path / "access.log"
     settings = {"access_log": {"format": "json", "path": str(access)}}
-    with _edge_with(tmp_path, **settings) as (port, edge):
+    with processes.edge_before_upstream(tmp_path, **settings) as (port, edge):
         assert exchange(port, _VERSIONS).status == 200
         assert exchange(port, _HEALTH).status == 200
-        _until(lambda: access.exists() and access.read_text().endswith("\n"))
+        processes.wait_until(
+            lambda: access.exists() and access.read_text().endswith("\n")
+        )
         # logrotate moves the file, then sends SIGHUP (postrotate).
         access.rename(tmp_path / "access.log.1")
         os.kill(edge.pid, signal.SIGHUP)
-        _until(lambda: access.exists())
+        processes.wait_until(lambda: access.exists())
         assert exchange(port, _VERSIONS).status == 200
-        _until(lambda: len(access.read_text().splitlines()) == 1)
+        processes.wait_until(lambda: len(access.read_text().splitlines()) == 1)
     rotated = _jq((tmp_path / "access.log.1").read_text())
     fresh = _jq(access.read_text())
     assert [e["target"] for e in rotated] == ["/_matrix/client/versions"]
@@ -773,9 +738,12 @@ def test_json_access_log_file_is_json_lines_and_reopened_on_sighup(
 def test_json_access_log_without_a_path_is_the_message(tmp_path: Path) -> None:
     """In twistd's log, after twistd's time and system, the message is the
     JSON object and nothing else."""
-    with _edge_with(tmp_path, access_log={"format": "json"}) as (port, edge):
+    with processes.edge_before_upstream(tmp_path, access_log={"format": "json"}) as (
+        port,
+        edge,
+    ):
         assert exchange(port, _VERSIONS).status == 200
-        _until(lambda: "client/versions" in edge.log())
+        processes.wait_until(lambda: "client/versions" in edge.log())
     [line] = [line for line in edge.log().splitlines() if "client/versions" in line]
     prefix, _, message = line.partition("] ")
     assert prefix.endswith(f"[matrix_edge.access.client-{port}#info")
