@@ -53,6 +53,7 @@ from matrix_edge.errors import MatrixError
 from matrix_edge.server.connections import ClientConnections
 from matrix_edge.server.h2_frames import FrameWatch
 from matrix_edge.server.h2_head import Header, RequestHead, parse_request_head
+from matrix_edge.server.h2_hpack import StaticEncoder
 from matrix_edge.server.sockets import ClientTransport, set_no_delay
 
 log = Logger()
@@ -358,6 +359,7 @@ class H2ServerProtocol(Protocol):
             normalize_outbound_headers=False,
         )
         conn = self._conn = h2.connection.H2Connection(config)
+        conn.encoder = StaticEncoder()  # type: ignore[assignment]
         conn.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
