@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--socket", action="append", default=[])
+    parser.add_argument("--metrics-socket", type=int, default=None)
     args = parser.parse_args(argv)
 
     config = load_config(args.config)
@@ -66,7 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     from matrix_edge.service import freeze_startup_objects, make_service
 
     inherited = [InheritedSocket.from_arg(text) for text in args.socket]
-    service = make_service(config, the_reactor, args.config, inherited=inherited)
+    service = make_service(
+        config,
+        the_reactor,
+        args.config,
+        inherited=inherited,
+        process=args.index,
+        metrics_fd=args.metrics_socket,
+    )
     the_reactor.addReader(_ParentWatch())
     service.privilegedStartService()
     service.startService()

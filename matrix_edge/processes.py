@@ -7,6 +7,11 @@ the processes. The first process
 serves too, relays the children' logs into its own (each event once, marked
 with the child, see L{matrix_edge.logs}), passes SIGHUP on, and stops them
 when it stops, so one pidfile and one supervisor entry cover them all.
+
+With metrics, each child also gets a loopback socket of its own, bound
+here on a free port, where it serves its metrics for the first process to
+gather (L{matrix_edge.metrics.aggregate}); L{ProcessSupervisor.children}
+says which children run and where.
 """
 
 from __future__ import annotations
@@ -54,6 +59,21 @@ class InheritedSocket:
         return cls(int(listener), address, int(fd))
 
 
+METRICS_HOST = "127.0.0.1"
+
+
+def metrics_socket() -> socket.socket:
+    """A listening loopback socket on a free port, for a child's metrics."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((METRICS_HOST, 0))
+        sock.listen(16)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class _Child(ProcessProtocol):
     def __init__(self, index: int, on_exit: Callable[[_Child, Failure], None]):
         self.index = index
@@ -61,6 +81,7 @@ class _Child(ProcessProtocol):
         self._log = Logger(namespace=f"matrix_edge.child.{index}")
         self._partial = {1: b"", 2: b""}
         self.ended: Deferred[None] = Deferred()
+        self.metrics_address: tuple[str, int] | None = None
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         """The child's log events on stdout, one JSON object a line, are
@@ -96,17 +117,20 @@ class ProcessSupervisor(Service):
         count: int,
         config_path: str,
         sockets: Callable[[], Sequence[tuple[int, str, socket.socket]]],
+        metrics: bool = False,
     ):
         """
         @param count: the number of children besides this process.
         @param sockets: called for each child started, once the listeners
             are bound, giving (listener index, address, listening socket)
             for the child; they are closed here once it has them.
+        @param metrics: give each child a socket to serve its metrics on.
         """
         self._reactor = reactor
         self._count = count
         self._config_path = config_path
         self._sockets = sockets
+        self._metrics = metrics
         self._workers: dict[int, _Child] = {}
         self._delays: dict[int, float] = {}
 
@@ -122,7 +146,16 @@ class ProcessSupervisor(Service):
         for n, (listener, address, sock) in enumerate(sockets):
             child_fds[3 + n] = sock.fileno()
             inherited.append(InheritedSocket(listener, address, 3 + n).to_arg())
+        handed = [sock for _, _, sock in sockets]
         child = _Child(index, self._exited)
+        extra = []
+        if self._metrics:
+            metrics = metrics_socket()
+            handed.append(metrics)
+            fd = 3 + len(sockets)
+            child_fds[fd] = metrics.fileno()
+            extra = ["--metrics-socket", str(fd)]
+            child.metrics_address = (METRICS_HOST, metrics.getsockname()[1])
         args = [
             sys.executable,
             "-m",
@@ -132,6 +165,7 @@ class ProcessSupervisor(Service):
             "--index",
             str(index),
             *(arg for socket in inherited for arg in ("--socket", socket)),
+            *extra,
         ]
         try:
             transport = self._reactor.spawnProcess(
@@ -140,7 +174,7 @@ class ProcessSupervisor(Service):
         finally:
             # The child has its copies; a child's own sockets must close
             # with it, so that the kernel stops giving them connections.
-            for _, _, sock in sockets:
+            for sock in handed:
                 sock.close()
         self._workers[index] = child
         log.info("Started child {index} (pid {pid})", index=index, pid=transport.pid)
@@ -163,6 +197,15 @@ class ProcessSupervisor(Service):
     def _respawn(self, index: int) -> None:
         if self.running and index not in self._workers:
             self._spawn(index)
+
+    def children(self) -> list[tuple[int, tuple[str, int]]]:
+        """The children running now, by index, with the address of their
+        metrics socket (none without metrics)."""
+        return [
+            (index, child.metrics_address)
+            for index, child in sorted(self._workers.items())
+            if child.metrics_address is not None
+        ]
 
     def signal_all(self, signum: int) -> None:
         for child in self._workers.values():

@@ -9,6 +9,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
+from prometheus_client.registry import CollectorRegistry
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
@@ -25,10 +26,15 @@ from matrix_edge import twisted_private
 from matrix_edge.config._base import ConfigError
 from matrix_edge.config.changes import changed_keys
 from matrix_edge.config.edge import EdgeConfig, load_config
-from matrix_edge.config.listeners import ListenerConfig
+from matrix_edge.config.listeners import ListenerConfig, ListenerType
+from matrix_edge.config.routes import MAIN
 from matrix_edge.config.upstream import UpstreamAddress
-from matrix_edge.pools.dispatch import make_dispatcher
-from matrix_edge.processes import InheritedSocket, ProcessSupervisor
+from matrix_edge.metrics.aggregate import Aggregator
+from matrix_edge.metrics.collector import EdgeCollector, Sources
+from matrix_edge.metrics.registry import ProcessMetrics
+from matrix_edge.metrics.resource import MetricsSite, local_exposition
+from matrix_edge.pools.dispatch import Dispatcher, make_dispatcher
+from matrix_edge.processes import METRICS_HOST, InheritedSocket, ProcessSupervisor
 from matrix_edge.server.accesslog_file import AccessLogFile
 from matrix_edge.server.router import LiveSettings
 from matrix_edge.server.site import EdgeSite
@@ -80,7 +86,7 @@ class ListenerService(Service):
         self._factory = factory
         self._inherited = inherited
         self._reuse_port = reuse_port
-        self._index = index
+        self.index = index
         self._bound: list[tuple[str, int]] | None = None
         self.ports: list[tuple[str, IListeningPort]] = []
 
@@ -103,16 +109,19 @@ class ListenerService(Service):
             except OSError as e:
                 if _is_tolerated_bind_error(e, address, listener.bind_addresses):
                     log.info(
-                        "{address} port {port} is already covered by '::'",
+                        "{address} port {port} is {reason}",
                         address=address,
                         port=listener.port,
+                        reason="already covered by '::'"
+                        if address == "0.0.0.0"
+                        else "not bound: this host has no IPv6",
                     )
                     continue
                 for _, fd in bound:
                     os.close(fd)
                 raise ListenError(
                     f"cannot listen on {address} port {listener.port} "
-                    f"(listeners[{self._index}], {listener.tag}): "
+                    f"(listeners[{self.index}], {listener.tag}): "
                     f"{_reason(e, listener.port)}"
                 ) from None
             bound.append((address, sock.detach()))
@@ -211,9 +220,17 @@ def listening_socket(
 def _is_tolerated_bind_error(
     error: OSError, address: str, addresses: tuple[str, ...]
 ) -> bool:
-    return (
-        address == "0.0.0.0" and "::" in addresses and error.errno == errno.EADDRINUSE
-    )
+    """Whether failing to bind ``address`` is expected: 0.0.0.0 taken by
+    ``::`` on a dual-stack host, or ``::1`` on a host without IPv6 when
+    127.0.0.1 is bound too (a metrics listener's default)."""
+    if address == "0.0.0.0":
+        return "::" in addresses and error.errno == errno.EADDRINUSE
+    if address == "::1":
+        return "127.0.0.1" in addresses and error.errno in _NO_IPV6
+    return False
+
+
+_NO_IPV6 = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
 
 
 def _reason(error: OSError, port: int) -> str:
@@ -340,6 +357,8 @@ def make_service(
     reactor: Any,
     config_path: str | None = None,
     inherited: Sequence[InheritedSocket] | None = None,
+    process: int = 0,
+    metrics_fd: int | None = None,
 ) -> MultiService:
     """Build the service tree for ``config``.
 
@@ -349,7 +368,8 @@ def make_service(
     sockets are bound here, before twistd daemonises. With
     ``config_path``, SIGHUP re-reads that file and applies what can change
     while running, and ``processes`` > 1 starts workers. A worker passes the
-    ``inherited`` sockets it got from the first process.
+    ``inherited`` sockets it got from the first process, its index as
+    ``process``, and the socket to serve its metrics on as ``metrics_fd``.
     """
     tls = load_tls(config)
     top = EdgeService(reactor, config.timeouts.drain)
@@ -369,15 +389,21 @@ def make_service(
     if config.workers.enabled:
         dispatcher = make_dispatcher(config.workers, reactor, synapse, upstream_for)
     live = LiveSettings(config.maintenance)
+    counts = ProcessMetrics(reactor) if metrics_enabled(config) else None
+    sources = Sources(process, counts) if counts is not None else None
     access_file = None
     if config.access_log.enabled and config.access_log.path is not None:
         access_file = AccessLogFile(reactor, config.access_log.path)
         access_file.setServiceParent(top)
     listening_services: list[ListenerService] = []
+    fallbacks: list[Upstream] = []
     for i, listener in enumerate(config.listeners):
+        if listener.type is ListenerType.METRICS:
+            continue
         fallback = None
         if listener.fallback is not None:
             fallback = upstream_for(listener.fallback, web_server=True)
+            fallbacks.append(fallback)
         site = EdgeSite(
             listener,
             config,
@@ -387,10 +413,16 @@ def make_service(
             fallback,
             access_file,
             dispatcher,
+            counts.listener(listener.tag) if counts is not None else None,
         )
         factory: IProtocolFactory = site
+        if sources is not None:
+            sources.connections.append((listener.tag, listener.http2, site.connections))
         if i in tls:
-            factory = HTTPSOnlyFactory(tls[i], site, reactor, site.server_header)
+            https = HTTPSOnlyFactory(tls[i], site, reactor, site.server_header)
+            factory = https
+            if sources is not None:
+                sources.tls.append((listener.tag, https))
         adopted = None
         if inherited is not None:
             adopted = {s.address: s.fd for s in inherited if s.listener == i}
@@ -406,13 +438,6 @@ def make_service(
         listening_services.append(listening)
         top.sites.append(site)
         top.first_to_stop.append(listening)
-    try:
-        for listening in listening_services:
-            listening.bind()
-    except ListenError:
-        for listening in listening_services:
-            listening.close()
-        raise
 
     reloader = SighupService(reactor)
     for context in {id(t): t for t in tls.values()}.values():
@@ -423,22 +448,103 @@ def make_service(
         reloader.add_callback(lambda: reload_settings(config_path, config, live))
     reloader.setServiceParent(top)
 
+    supervisor = None
     if config.processes > 1 and inherited is None and config_path is not None:
 
         def bound_sockets() -> list[tuple[int, str, socket.socket]]:
             return [
-                (i, address, sock)
-                for i, service in enumerate(listening_services)
+                (service.index, address, sock)
+                for service in listening_services
                 for address, sock in service.worker_sockets()
             ]
 
         supervisor = ProcessSupervisor(
-            reactor, config.processes - 1, config_path, bound_sockets
+            reactor,
+            config.processes - 1,
+            config_path,
+            bound_sockets,
+            metrics=counts is not None,
         )
         supervisor.setServiceParent(top)
         top.first_to_stop.append(supervisor)
         reloader.add_callback(supervisor.reload)
+
+    binding = list(listening_services)
+    if sources is not None:
+        sources.upstreams = upstream_members(synapse, dispatcher, fallbacks)
+        sources.whoami = dispatcher.whoami if dispatcher is not None else None
+        sources.reloader = reloader
+        for metrics_service in metrics_services(
+            reactor, config, sources, supervisor, inherited, metrics_fd
+        ):
+            metrics_service.setServiceParent(top)
+            binding.append(metrics_service)
+    try:
+        for listening in binding:
+            listening.bind()
+    except ListenError:
+        for listening in binding:
+            listening.close()
+        raise
     return top
+
+
+def metrics_enabled(config: EdgeConfig) -> bool:
+    """Whether requests are counted: a metrics listener is configured."""
+    return any(listener.type is ListenerType.METRICS for listener in config.listeners)
+
+
+def metrics_services(
+    reactor: Any,
+    config: EdgeConfig,
+    sources: Sources,
+    supervisor: ProcessSupervisor | None,
+    inherited: Sequence[InheritedSocket] | None,
+    metrics_fd: int | None,
+) -> list[ListenerService]:
+    """Where this process serves metrics: the first process on each
+    ``type: metrics`` listener, for every process; a child on the socket
+    the first process gave it, for itself."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EdgeCollector(sources))
+    if inherited is not None:
+        if metrics_fd is None:
+            return []
+        port = socket.socket(fileno=os.dup(metrics_fd))
+        own = ListenerConfig(
+            port=port.getsockname()[1],
+            type=ListenerType.METRICS,
+            bind_addresses=(METRICS_HOST,),
+            tag=f"metrics-child-{sources.process}",
+        )
+        port.close()
+        site = MetricsSite(local_exposition(registry))
+        return [ListenerService(reactor, own, site, {METRICS_HOST: metrics_fd})]
+    exposition = local_exposition(registry)
+    if supervisor is not None:
+        exposition = Aggregator(
+            reactor, registry, sources.counts, supervisor.children
+        ).exposition
+    site = MetricsSite(exposition)
+    return [
+        ListenerService(reactor, listener, site, index=i)
+        for i, listener in enumerate(config.listeners)
+        if listener.type is ListenerType.METRICS
+    ]
+
+
+def upstream_members(
+    synapse: Upstream, dispatcher: Dispatcher | None, fallbacks: Sequence[Upstream]
+) -> list[tuple[str, Upstream]]:
+    """Each upstream process, with the upstream it counts for in metrics:
+    ``main``, each worker pool it is in, ``fallback``."""
+    members = [(MAIN, synapse)]
+    if dispatcher is not None:
+        for name, pool in dispatcher.pools.items():
+            members.extend((name, member.upstream) for member in pool.members)
+    members.extend(("fallback", fallback) for fallback in fallbacks)
+    unique = {(name, id(upstream)): (name, upstream) for name, upstream in members}
+    return list(unique.values())
 
 
 def log_warnings(config_path: str, config: EdgeConfig) -> None:

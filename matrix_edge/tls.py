@@ -451,6 +451,15 @@ class ServerTLS:
         """Every server certificate currently served, default first."""
         return tuple(c.leaf for c in self._current.certificates)
 
+    def expiry(self) -> list[tuple[str, float]]:
+        """Each certificate file served now, with its server certificate's
+        notAfter in seconds since the epoch: what the metrics report, read
+        from what the last (re)load put in service."""
+        return [
+            (c.chain_path, c.leaf.not_valid_after_utc.timestamp())
+            for c in self._current.certificates
+        ]
+
     def certificate_for(self, server_name: str | None) -> x509.Certificate:
         """The server certificate a client sending C{server_name} (SNI)
         gets."""
@@ -524,6 +533,8 @@ class SighupService(Service):
         self._callbacks: list[Callable[[], object]] = list(callbacks)
         self._previous_handler: Any = None
         self._installed = False
+        self.reloads = {True: 0, False: 0}
+        """Reloads that succeeded (True) and failed, for metrics."""
 
     def add_callback(self, callback: Callable[[], object]) -> None:
         """Also run C{callback} on SIGHUP. A return value of C{False}
@@ -563,6 +574,7 @@ class SighupService(Service):
                 continue
             if result is False:
                 succeeded = False
+        self.reloads[succeeded] += 1
         return succeeded
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -24,12 +26,18 @@ from matrix_edge.config.upstream import UpstreamAddress, parse_upstream
 # hosts with IPv6 disabled still listen (the second bind failing is tolerated).
 DEFAULT_BIND_ADDRESSES = ("::", "0.0.0.0")
 
+# A metrics listener answers anyone who reaches it: loopback unless told
+# otherwise, for a Prometheus on the same host (or a tunnel to it).
+METRICS_BIND_ADDRESSES = ("127.0.0.1", "::1")
+
 
 class ListenerType(enum.Enum):
     """What a listener serves, mirroring the client and federation ports."""
 
     CLIENT = "client"
     FEDERATION = "federation"
+    METRICS = "metrics"
+    """Prometheus metrics at ``/metrics``, and nothing of Matrix's."""
 
 
 @attrs.frozen
@@ -103,12 +111,18 @@ _LISTENER_KEYS = (
 )
 _CERTIFICATE_KEYS = ("certificate_path", "private_key_path")
 
+# What a metrics listener takes; the other keys are for Matrix traffic, and
+# are refused by name rather than silently ignored.
+_METRICS_KEYS = ("port", "bind_addresses", "type", "tag")
+
 
 def parse_listeners(value: object, path: KeyPath) -> tuple[ListenerConfig, ...]:
     items = read_sequence(value, path)
     if not items:
         fail(path, "at least one listener is required")
     listeners = tuple(parse_listener(item, (*path, i)) for i, item in enumerate(items))
+    if all(listener.type is ListenerType.METRICS for listener in listeners):
+        fail(path, "at least one client or federation listener is required")
     seen: dict[tuple[str, int], int] = {}
     for i, listener in enumerate(listeners):
         for address in listener.bind_addresses:
@@ -135,18 +149,12 @@ def parse_listener(value: object, path: KeyPath) -> ListenerConfig:
     except ValueError:
         fail(
             (*path, "type"),
-            f"expected 'client' or 'federation', got {type_value!r}",
+            f"expected 'client', 'federation' or 'metrics', got {type_value!r}",
         )
+    if listener_type is ListenerType.METRICS:
+        return _parse_metrics_listener(data, path, port)
 
-    bind_addresses: tuple[str, ...] = DEFAULT_BIND_ADDRESSES
-    if "bind_addresses" in data:
-        bind_path = (*path, "bind_addresses")
-        raw = read_sequence(data["bind_addresses"], bind_path)
-        if not raw:
-            fail(bind_path, "at least one address is required")
-        bind_addresses = tuple(
-            _read_ip(item, (*bind_path, i)) for i, item in enumerate(raw)
-        )
+    bind_addresses = _parse_bind_addresses(data, path, DEFAULT_BIND_ADDRESSES)
 
     tls = None
     if data.get("tls") is not None:
@@ -178,6 +186,45 @@ def parse_listener(value: object, path: KeyPath) -> ListenerConfig:
             data.get("proxy_protocol", False), (*path, "proxy_protocol")
         ),
         fallback=fallback,
+    )
+
+
+def _parse_bind_addresses(
+    data: Mapping[str, Any], path: KeyPath, default: tuple[str, ...]
+) -> tuple[str, ...]:
+    if "bind_addresses" not in data:
+        return default
+    bind_path = (*path, "bind_addresses")
+    raw = read_sequence(data["bind_addresses"], bind_path)
+    if not raw:
+        fail(bind_path, "at least one address is required")
+    return tuple(_read_ip(item, (*bind_path, i)) for i, item in enumerate(raw))
+
+
+def _parse_metrics_listener(
+    data: Mapping[str, Any], path: KeyPath, port: int
+) -> ListenerConfig:
+    """A ``type: metrics`` listener, as Synapse's: a port and addresses
+    (loopback by default), in plain HTTP. Keys for Matrix traffic are
+    errors: metrics are not served over TLS here (put them behind a tunnel
+    or a proxy that terminates it), and no Matrix request is answered."""
+    for key in data:
+        if key not in _METRICS_KEYS:
+            why = (
+                "a metrics listener serves plain HTTP; TLS is not supported"
+                if key == "tls"
+                else "not used by a metrics listener"
+            )
+            fail((*path, key), f"{why} (it takes: {', '.join(_METRICS_KEYS)})")
+    tag = f"{ListenerType.METRICS.value}-{port}"
+    if "tag" in data:
+        tag = read_str(data["tag"], (*path, "tag"))
+    return ListenerConfig(
+        port=port,
+        type=ListenerType.METRICS,
+        bind_addresses=_parse_bind_addresses(data, path, METRICS_BIND_ADDRESSES),
+        tag=tag,
+        http2=False,
     )
 
 

@@ -61,9 +61,9 @@ class _Plan:
     pools of its chain before main, each with the policy it balances by,
     and whether main takes what none of them can."""
 
-    __slots__ = ("steps", "to_main")
+    __slots__ = ("main_lease", "name", "steps", "to_main")
 
-    def __init__(self, route: Route, pools: Mapping[str, WorkerPool]):
+    def __init__(self, route: Route, pools: Mapping[str, WorkerPool], main: Upstream):
         steps = []
         for name in route.pools:
             if name == MAIN:
@@ -75,6 +75,9 @@ class _Plan:
         self.steps: tuple[tuple[WorkerPool, Policy], ...] = tuple(steps)
         # A chain that names main reaches it, whatever `fallback` says.
         self.to_main = route.fallback or MAIN in route.pools
+        self.name = route.name
+        self.main_lease = Lease(main, MAIN, None, route.name)
+        """Main's lease for this route's requests, which names the route."""
 
 
 class Dispatcher:
@@ -88,8 +91,8 @@ class Dispatcher:
         whoami: WhoamiCache | None,
     ):
         self.pools = pools
-        self.table = table
         self.main = main
+        self.table = table
         self.whoami = whoami
         self._main_lease = Lease(main, MAIN)
 
@@ -100,7 +103,9 @@ class Dispatcher:
     @table.setter
     def table(self, table: RouteTable) -> None:
         self._table = table
-        self._plans = tuple(_Plan(route, self.pools) for route in table.routes)
+        self._plans = tuple(
+            _Plan(route, self.pools, self.main) for route in table.routes
+        )
 
     def place(self, facts: RequestFacts, exclude: Collection[Upstream] = ()) -> Placed:
         """A lease on the process for this request, one to come, or the
@@ -140,13 +145,14 @@ class Dispatcher:
                 break
         else:
             if plan.to_main:
-                return self._main_lease
+                return plan.main_lease
             return errors.unavailable(
                 "No server is available for this request at the moment", 5
             )
+        route = plan.name
         if len(members) == 1 or policy is Policy.SINGLE:
             # No key can change the choice: no whoami lookup to wait for.
-            return self._lease(pool, members[0])
+            return self._lease(pool, members[0], route)
         if policy is Policy.USER:
             user = self._user_key(headers, query, client_ip, scheme, True)
             if isinstance(user, Deferred):
@@ -155,15 +161,15 @@ class Dispatcher:
                     # The members may have changed while whoami answered.
                     now = pool.available(exclude) or members
                     return _raise_errors(
-                        self._lease(pool, pool.chooser.choose(key, now))
+                        self._lease(pool, pool.chooser.choose(key, now), route)
                     )
 
                 return user.addCallback(looked_up)
-            return self._lease(pool, pool.chooser.choose(user, members))
+            return self._lease(pool, pool.chooser.choose(user, members), route)
         key = _key(policy, target, path, headers, client_ip)
         if key is None:
-            return self._lease(pool, pool.next_round_robin(members))
-        return self._lease(pool, pool.chooser.choose(key, members))
+            return self._lease(pool, pool.next_round_robin(members), route)
+        return self._lease(pool, pool.chooser.choose(key, members), route)
 
     def explain(self, facts: RequestFacts, user: bytes | None = None) -> Choice:
         """Where ``facts`` would go now, without leasing anything; the user
@@ -231,8 +237,8 @@ class Dispatcher:
         return d.addCallback(lambda user: user or digest)
 
     @staticmethod
-    def _lease(pool: WorkerPool, member: Member) -> Placed:
-        lease = member.lease()
+    def _lease(pool: WorkerPool, member: Member, route: str) -> Placed:
+        lease = member.lease(route)
         if lease is None:
             return errors.limit_exceeded(pool.config.queue_timeout)
         return lease

@@ -26,14 +26,21 @@ class Lease:
     """The right to send one request to ``upstream``; released when the
     exchange is over, so the next request may take the slot."""
 
-    __slots__ = ("_member", "pool", "upstream")
+    __slots__ = ("_member", "pool", "route", "upstream")
 
     def __init__(
-        self, upstream: Upstream, pool: str, member: Member | None = None
+        self,
+        upstream: Upstream,
+        pool: str,
+        member: Member | None = None,
+        route: str | None = None,
     ) -> None:
         self.upstream = upstream
         self.pool = pool
         self._member = member
+        self.route = pool if route is None else route
+        """The route of the table that placed the request (its name), or,
+        for a request no route took, the pool: ``main``, ``fallback``."""
 
     def release(self) -> None:
         member, self._member = self._member, None
@@ -64,22 +71,25 @@ class Member:
             self.pool.queued -= 1
             if waiter.take():
                 self.in_flight += 1
-                waiter.deferred.callback(Lease(self.upstream, self.pool.name, self))
+                waiter.deferred.callback(
+                    Lease(self.upstream, self.pool.name, self, waiter.route)
+                )
                 return
 
-    def lease(self) -> Lease | Deferred[Lease] | None:
+    def lease(self, route: str | None = None) -> Lease | Deferred[Lease] | None:
         """A lease now, one once a slot frees up, or None when the pool can
-        queue no more requests."""
+        queue no more requests. ``route`` names what placed the request."""
         limit = self.pool.config.max_concurrent
         if not limit or self.in_flight < limit:
             self.in_flight += 1
-            return Lease(self.upstream, self.pool.name, self)
-        return self.pool.enqueue(self)
+            return Lease(self.upstream, self.pool.name, self, route)
+        return self.pool.enqueue(self, route)
 
 
 class _Waiter:
-    def __init__(self, member: Member):
+    def __init__(self, member: Member, route: str | None):
         self.member = member
+        self.route = route
         self.timer: IDelayedCall | None = None
         self.deferred: Deferred[Lease] = Deferred(self._cancel)
         self.done = False
@@ -145,10 +155,12 @@ class WorkerPool:
         self._next = (self._next + 1) % (1 << 30)
         return members[self._next % len(members)]
 
-    def enqueue(self, member: Member) -> Deferred[Lease] | None:
+    def enqueue(
+        self, member: Member, route: str | None = None
+    ) -> Deferred[Lease] | None:
         if self.queued >= self.config.queue:
             return None
-        waiter = _Waiter(member)
+        waiter = _Waiter(member, route)
         waiter.timer = self._clock.callLater(self.config.queue_timeout, waiter.expire)
         member.waiting.append(waiter)
         self.queued += 1

@@ -56,17 +56,23 @@ class WhoamiCache:
         self._ttl = config.ttl
         self._entries: OrderedDict[bytes, tuple[bytes | None, float]] = OrderedDict()
         self._waiting: dict[bytes, list[Deferred[bytes | None]]] = {}
+        self.hits = 0
+        self.misses = 0
+        """Answers of L{cached}, for metrics."""
 
     def cached(self, digest: bytes) -> tuple[bool, bytes | None]:
         """(known, user ID) for a token digest, without asking Synapse."""
         entry = self._entries.get(digest)
         if entry is None:
+            self.misses += 1
             return False, None
         user, expires = entry
         if self._clock.seconds() >= expires:
             del self._entries[digest]
+            self.misses += 1
             return False, None
         self._entries.move_to_end(digest)
+        self.hits += 1
         return True, user
 
     def lookup(

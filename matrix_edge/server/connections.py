@@ -1,7 +1,8 @@
-"""A listener's open client connections, for a graceful stop."""
+"""A listener's open client connections, for a graceful stop or a reload."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -55,3 +56,7 @@ class ClientConnections:
 
     def __len__(self) -> int:
         return len(self._open)
+
+    def __iter__(self) -> Iterator[Drainable]:
+        """The open connections, as they are now (for metrics)."""
+        return iter(list(self._open))

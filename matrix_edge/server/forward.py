@@ -30,12 +30,25 @@ from matrix_edge.upstream.client import (
     describe_failure,
     is_local_shortage,
 )
-from matrix_edge.upstream.protocol import HeaderList
+from matrix_edge.upstream.protocol import HeaderList, UpstreamError
 
 if TYPE_CHECKING:
     from matrix_edge.server.request import EdgeRequest
 
 log = Logger()
+
+UNPLACED = "unplaced"
+"""The upstream of an error that came before any process was chosen."""
+
+
+def failure_cause(reason: Failure) -> str:
+    """Why an exchange failed before a response, in a word from a fixed
+    few: the ``cause`` of the edge's 502 in metrics."""
+    if reason.check(ConnectError):
+        return "connect_failed"
+    if isinstance(reason.value, UpstreamError):
+        return reason.value.cause
+    return "other"
 
 
 class _Bound(enum.Enum):
@@ -75,7 +88,7 @@ class Forwarding:
         self._placed = placed
         self._replace = replace
         self._refused: list[Upstream] = []
-        self._lease: Lease | None = None
+        self.lease: Lease | None = None
         """The last process chosen; released once its exchange is over
         (releasing twice is harmless)."""
         self._waiting: Deferred[Lease] | None = None
@@ -114,12 +127,12 @@ class Forwarding:
     @property
     def upstream(self) -> Upstream | None:
         """The process the request went to, once chosen."""
-        return self._lease.upstream if self._lease is not None else None
+        return self.lease.upstream if self.lease is not None else None
 
     @property
     def pool(self) -> str | None:
         """The pool of that process."""
-        return self._lease.pool if self._lease is not None else None
+        return self.lease.pool if self.lease is not None else None
 
     def _place(self, placed: Placed) -> None:
         if isinstance(placed, Lease):
@@ -147,6 +160,7 @@ class Forwarding:
             log.failure(
                 "Placing {target} failed", failure, target=self._request.log_target
             )
+            self._count_error(502, "other")
             self._refuse(errors.bad_gateway())
 
     def _refuse(self, error: errors.MatrixError) -> None:
@@ -157,15 +171,15 @@ class Forwarding:
             request.answer_early(error)
 
     def _send(self, lease: Lease) -> None:
-        self._lease = lease
+        self.lease = lease
         request = self._request
         self._exchange = lease.upstream.request(
             request.method, request.uri, self._headers, self._body, self
         )
 
     def _release(self) -> None:
-        if self._lease is not None:
-            self._lease.release()
+        if self.lease is not None:
+            self.lease.release()
 
     def body_chunk(self, data: bytes) -> None:
         self._body_size += len(data)
@@ -192,8 +206,8 @@ class Forwarding:
         self._responding = True
         self._stop_timer()
         self.upstream_seconds = self._clock.seconds() - self._started_at
-        assert self._lease is not None
-        self._lease.upstream.mark(True)
+        assert self.lease is not None
+        self.lease.upstream.mark(True)
         request = self._request
         if request.finished or request.is_disconnected:
             return
@@ -278,6 +292,7 @@ class Forwarding:
                 target=request.log_target,
             )
             error = errors.gateway_timeout()
+            cause = "response_timeout" if timed_out else "connect_timeout"
         else:
             log.warn(
                 "Upstream {upstream} failed for {method} {target}: {reason}",
@@ -287,8 +302,18 @@ class Forwarding:
                 reason=describe_failure(reason),
             )
             error = errors.bad_gateway()
+            cause = failure_cause(reason)
         self._drop_body()
+        if not request.started_writing:
+            self._count_error(error.code, cause)
         request.answer_early(error)
+
+    def _count_error(self, status: int, cause: str) -> None:
+        """Count an answer of the edge's own (502, 504) for the upstream
+        that caused it."""
+        metrics = self._request.site.metrics
+        if metrics is not None:
+            metrics.upstream_error(self.pool or UNPLACED, status, cause)
 
     # Cancellation and timers --------------------------------------------
 

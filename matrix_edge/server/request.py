@@ -128,13 +128,17 @@ class EdgeRequest:
         self.started_writing = False
         self.sent_length = 0
         """Response body bytes sent."""
+        self.received_length = 0
+        """Request body bytes received."""
         self.body_complete = False
         self.finished = False
         self.is_disconnected = False
-        self._started = site.clock.seconds()
+        self.started_at = site.clock.seconds()
         self._local: LocalResource | None = None
         self._local_body = 0
-        self._forwarding: Forwarding | None = None
+        self.forwarding: Forwarding | None = None
+        """The exchange with Synapse (or the fallback web server), once the
+        request is forwarded."""
         self._answer: MatrixError | None = None
         self._response_done = False
         self._linger: IDelayedCall | None = None
@@ -160,6 +164,9 @@ class EdgeRequest:
         self.request_id = request_id_for(
             headers.values(site.request_id_lower), trusted=from_proxy
         )
+        metrics = site.metrics
+        if metrics is not None:
+            metrics.in_flight += 1
 
         decision = head_error or site.router.route(
             self.method, self.uri, self.path, headers, self.client_ip, self.length
@@ -170,7 +177,7 @@ class EdgeRequest:
                 return
             decision = errors.too_large(LOCAL_BODY_LIMIT)
         if isinstance(decision, Forward):
-            self._forwarding = Forwarding(
+            self.forwarding = Forwarding(
                 self,
                 decision.placed,
                 site.clock,
@@ -178,7 +185,7 @@ class EdgeRequest:
                 decision.body_limit,
                 decision.replace,
             )
-            self._forwarding.start(self.length, self.client_ip)
+            self.forwarding.start(self.length, self.client_ip)
         else:
             assert isinstance(decision, MatrixError)
             self.answer_early(decision)
@@ -191,6 +198,7 @@ class EdgeRequest:
         return self._answer is None and not self._response_done
 
     def body_chunk(self, data: bytes) -> None:
+        self.received_length += len(data)
         if self._local is not None:
             self._local_body += len(data)
             if self._local_body > LOCAL_BODY_LIMIT:
@@ -198,8 +206,8 @@ class EdgeRequest:
                 # resource takes: answered now, the rest dropped.
                 self._local = None
                 self.answer_early(errors.too_large(LOCAL_BODY_LIMIT))
-        elif self._forwarding is not None and not self._response_done:
-            self._forwarding.body_chunk(data)
+        elif self.forwarding is not None and not self._response_done:
+            self.forwarding.body_chunk(data)
         # Otherwise the body is unwanted and dropped as it arrives.
 
     def body_ended(self) -> None:
@@ -210,8 +218,8 @@ class EdgeRequest:
             return
         if self._answer is not None and not self.started_writing:
             self._write_answer()
-        if self._forwarding is not None:
-            self._forwarding.body_complete()
+        if self.forwarding is not None:
+            self.forwarding.body_complete()
         self._maybe_finish()
 
     def connection_lost(self, reason: Failure) -> None:
@@ -222,9 +230,9 @@ class EdgeRequest:
         self.is_disconnected = True
         self._cancel_linger()
         if not self.finished:
-            if self._forwarding is not None:
-                self._forwarding.client_gone(reason)
-            self.site.access_log.log(self)
+            if self.forwarding is not None:
+                self.forwarding.client_gone(reason)
+            self._ended()
 
     # The response --------------------------------------------------------------
 
@@ -322,13 +330,13 @@ class EdgeRequest:
     @property
     def upstream_seconds(self) -> float | None:
         """Time until Synapse's response headers, for forwarded requests."""
-        return self._forwarding.upstream_seconds if self._forwarding else None
+        return self.forwarding.upstream_seconds if self.forwarding else None
 
     @property
     def worker(self) -> tuple[str, str] | None:
         """The pool and Synapse process a forwarded request went to, when
         the deployment has worker pools."""
-        forwarding = self._forwarding
+        forwarding = self.forwarding
         if forwarding is None or forwarding.upstream is None:
             return None
         pool = forwarding.pool
@@ -337,7 +345,7 @@ class EdgeRequest:
         return pool, str(forwarding.upstream.address)
 
     def elapsed_seconds(self) -> float:
-        return self.site.clock.seconds() - self._started
+        return self.site.clock.seconds() - self.started_at
 
     # Internals -------------------------------------------------------------------
 
@@ -365,12 +373,21 @@ class EdgeRequest:
         if self.body_complete or not self.side.lingers:
             self._cancel_linger()
             self.finished = True
-            self.site.access_log.log(self)
+            self._ended()
             self.side.done()
         elif self._linger is None:
             self._linger = self.site.clock.callLater(
                 LINGER_SECONDS, self._stop_lingering
             )
+
+    def _ended(self) -> None:
+        """The request is over, answered or not: counted, and logged. Each
+        request that started comes here exactly once."""
+        site = self.site
+        metrics = site.metrics
+        if metrics is not None:
+            metrics.request_ended(self)
+        site.access_log.log(self)
 
     def _stop_lingering(self) -> None:
         self._linger = None

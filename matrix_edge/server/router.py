@@ -17,6 +17,7 @@ from matrix_edge.config.listeners import ListenerConfig, ListenerType
 from matrix_edge.config.maintenance import MaintenanceConfig
 from matrix_edge.config.routes import MAIN
 from matrix_edge.errors import MatrixError
+from matrix_edge.metrics.registry import ListenerMetrics
 from matrix_edge.pools.dispatch import Dispatcher, Placed
 from matrix_edge.pools.pool import Lease
 from matrix_edge.server.fields import HeaderFields
@@ -101,8 +102,10 @@ class Router:
         fallback: Upstream | None,
         local_paths: frozenset[bytes],
         dispatcher: Dispatcher | None = None,
+        metrics: ListenerMetrics | None = None,
     ):
         self._listener = listener
+        self._metrics = metrics
         self._config = config
         self._live = live
         self._upstream = Lease(upstream, MAIN)
@@ -204,6 +207,8 @@ class Router:
         if length is not None and length > limit:
             return errors.too_large(limit)
         if lease.upstream.known_down and self._config.upstream_check.fail_fast:
+            if self._metrics is not None:
+                self._metrics.upstream_error(lease.pool, 502, "upstream_down")
             return errors.bad_gateway()
         return Forward(lease, limit)
 

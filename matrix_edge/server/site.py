@@ -13,6 +13,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.listeners import ListenerConfig
+from matrix_edge.metrics.registry import ListenerMetrics
 from matrix_edge.pools.dispatch import Dispatcher
 from matrix_edge.server.accesslog import AccessLog
 from matrix_edge.server.accesslog_file import AccessLogFile
@@ -43,7 +44,12 @@ class EdgeSite(ServerFactory):
         fallback: Upstream | None = None,
         access_log_file: AccessLogFile | None = None,
         dispatcher: Dispatcher | None = None,
+        metrics: ListenerMetrics | None = None,
     ):
+        """
+        @param metrics: where this listener's requests are counted; None
+            when nothing serves metrics.
+        """
         upstreams = {"synapse": upstream}
         if fallback is not None:
             upstreams["fallback"] = fallback
@@ -61,6 +67,7 @@ class EdgeSite(ServerFactory):
         self.clock = clock
         self.live = live or LiveSettings(config.maintenance)
         self.has_workers = dispatcher is not None
+        self.metrics = metrics
         self.router = Router(
             listener,
             config,
@@ -69,6 +76,7 @@ class EdgeSite(ServerFactory):
             fallback,
             frozenset(self.local),
             dispatcher,
+            metrics,
         )
         self.access_log = AccessLog(listener.tag, config.access_log, access_log_file)
         self.header_deadlines: Deadlines[HTTP11Connection | H2ServerProtocol] = (

@@ -126,6 +126,7 @@ class TLSServerConnection(Protocol):
                 self._send()
                 return
             except ssl.SSLError as e:
+                self.factory.handshakes_failed += 1
                 self._failed(e)
                 return
             self._handshake_done(tls)
@@ -239,6 +240,7 @@ class TLSServerConnection(Protocol):
         return self.transport
 
     def _handshake_done(self, tls: ssl.SSLObject) -> None:
+        self.factory.handshakes_ok += 1
         protocol = tls.selected_alpn_protocol()
         self.negotiatedProtocol = protocol.encode("ascii") if protocol else b""
         early, self._early = self._early or [], None
@@ -320,6 +322,10 @@ class HTTPSOnlyFactory(Factory):
         self.wrapped = wrapped
         self.answer = closing_response(PLAIN_HTTP, server_header)
         self.clock = clock
+        self.handshakes_ok = 0
+        self.handshakes_failed = 0
+        """Handshakes completed, and refused or broken by a TLS error, for
+        metrics."""
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:  # type: ignore[override]
         wrapped = self.wrapped.buildProtocol(addr)

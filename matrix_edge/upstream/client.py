@@ -69,6 +69,9 @@ class Upstream:
         self.pool: str | None = None
         """The worker pools this process belongs to, for logs; None for
         main."""
+        self.connect_failures = 0
+        """Connections that could not be made (for requests and checks),
+        for metrics."""
 
     # Health --------------------------------------------------------------
 
@@ -222,6 +225,7 @@ class UpstreamExchange:
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
         if not self._cancelled:
+            self._upstream.connect_failures += 1
             self._handler.upstream_failed(failure)
 
     @property

@@ -70,6 +70,21 @@ class UpstreamError(Exception):
     """Synapse's connection broke, or it answered something that is not
     HTTP/1.1, before the response could start."""
 
+    cause = "malformed_response"
+    """Why, in a word, for metrics."""
+
+
+class UpstreamClosedEarly(UpstreamError):
+    """The connection closed before a response began."""
+
+    cause = "closed_early"
+
+
+class UnsafeRequestHead(UpstreamError):
+    """The request head was not sent: a field would have split it."""
+
+    cause = "unsafe_request"
+
 
 class UpstreamConnection(Protocol):
     """One keep-alive connection; see the module docstring."""
@@ -150,7 +165,7 @@ class UpstreamConnection(Protocol):
             self._handler = None
             self.abort()
             handler.upstream_failed(
-                Failure(UpstreamError("refused to send a header with a line break"))
+                Failure(UnsafeRequestHead("refused to send a header with a line break"))
             )
             return
         self.transport.write(head)
@@ -355,7 +370,7 @@ class UpstreamConnection(Protocol):
             handler.response_end(False, "connection closed mid-response")
         else:
             handler.upstream_failed(
-                Failure(UpstreamError("connection closed before a response"))
+                Failure(UpstreamClosedEarly("connection closed before a response"))
             )
 
     @property
