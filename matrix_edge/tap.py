@@ -134,7 +134,7 @@ class Options(usage.Options):
             self.edge_config = load_config(self["config"])
             if self["check-config"]:
                 # Certificates are only known good once they have loaded.
-                from matrix_edge.service import load_tls
+                from matrix_edge.generation import load_tls
 
                 load_tls(self.edge_config)
         except ConfigError as e:

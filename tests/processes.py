@@ -76,9 +76,12 @@ def start(argv: Sequence[str], log_path: Path) -> Process:
     return Process(popen, log_path)
 
 
-def start_upstream(port: int, log_path: Path) -> Process:
+def start_upstream(port: int, log_path: Path, name: str = "yes") -> Process:
+    """A recording upstream (tests/recording_upstream.py) answering with
+    ``X-Upstream: name``."""
     process = start(
-        [sys.executable, "-m", "tests.recording_upstream", str(port)], log_path
+        [sys.executable, "-m", "tests.recording_upstream", str(port), name],
+        log_path,
     )
     wait_for_port(port, process=process.popen)
     return process

@@ -217,8 +217,8 @@ class UpstreamProtocol(Protocol):
         self.transport.write(
             b"HTTP/1.1 %d Whatever\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
-            b"Keep-Alive: timeout=5\r\nX-Upstream: yes\r\n%s\r\n%s"
-            % (code, len(body), extra, body)
+            b"Keep-Alive: timeout=5\r\nX-Upstream: %s\r\n%s\r\n%s"
+            % (code, len(body), self.factory.name, extra, body)
         )
         if close:
             self.transport.loseConnection()
@@ -238,7 +238,9 @@ def _route(target: bytes) -> bytes:
 class RecordingUpstreamFactory(Factory):
     protocol = UpstreamProtocol
 
-    def __init__(self) -> None:
+    def __init__(self, name: bytes = b"yes") -> None:
+        self.name = name
+        """Sent back as ``X-Upstream``, to tell upstreams apart."""
         self.requests: list[Recorded] = []
         self.connections = 0
         self.open_connections = 0
@@ -251,13 +253,15 @@ class RecordingUpstreamFactory(Factory):
 
 
 def main() -> None:
-    """Serve on 127.0.0.1:PORT, for tests that run the edge as a process."""
+    """Serve on 127.0.0.1:PORT [NAME], for tests that run the edge as a
+    process."""
     import sys
 
     from twisted.internet import reactor
 
+    name = sys.argv[2].encode() if len(sys.argv) > 2 else b"yes"
     reactor.listenTCP(
-        int(sys.argv[1]), RecordingUpstreamFactory(), interface="127.0.0.1"
+        int(sys.argv[1]), RecordingUpstreamFactory(name), interface="127.0.0.1"
     )
     reactor.run()
 

@@ -86,7 +86,11 @@ class ProcessMetrics:
         that gathers no others."""
 
     def listener(self, tag: str) -> ListenerMetrics:
-        """The counts of a new listener."""
+        """The counts of the listener tagged ``tag``: the same ones for the
+        generations a reload makes, so that its counters only ever grow."""
+        for counts in self.listeners:
+            if counts.tag == tag:
+                return counts
         counts = ListenerMetrics(tag, self)
         self.listeners.append(counts)
         return counts

@@ -13,24 +13,32 @@ class Drainable(Protocol):
         """Take no new request; close once those in progress are answered
         (at once, with none)."""
 
+    def retire(self) -> None:
+        """A reload replaced this listener's configuration: finish what is
+        in progress, then close, without cutting a request a client may be
+        sending right now."""
+
     def abort(self) -> None:
         """Close now, whatever is in progress."""
 
 
 class ClientConnections:
     """The client connections of one listener whose protocol (HTTP/1.1 or
-    HTTP/2) is running. Once draining, a connection that opens is told to
-    drain at once."""
+    HTTP/2) is running. Once draining or retired, a connection that opens
+    (its TLS handshake was under way) is told the same at once."""
 
     def __init__(self) -> None:
         self._open: set[Drainable] = set()
         self._waiting: list[Deferred[None]] = []
         self.draining = False
+        self.retired = False
 
     def add(self, connection: Drainable) -> None:
         self._open.add(connection)
         if self.draining:
             connection.drain()
+        elif self.retired:
+            connection.retire()
 
     def remove(self, connection: Drainable) -> None:
         self._open.discard(connection)
@@ -44,6 +52,18 @@ class ClientConnections:
         self.draining = True
         for connection in list(self._open):
             connection.drain()
+        return self._all_closed()
+
+    def retire(self) -> Deferred[None]:
+        """Retire every connection; fires when the last one has closed.
+        Connections that stay idle close at their idle timeout, or when a
+        L{drain} follows."""
+        self.retired = True
+        for connection in list(self._open):
+            connection.retire()
+        return self._all_closed()
+
+    def _all_closed(self) -> Deferred[None]:
         if not self._open:
             return succeed(None)
         done: Deferred[None] = Deferred()

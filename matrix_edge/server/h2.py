@@ -388,6 +388,12 @@ class H2ServerProtocol(Protocol):
         if self._connections is not None:
             self._connections.add(self)
 
+    def retire(self) -> None:
+        """A reload replaced the listener's configuration: as for a stop,
+        GOAWAY tells the client which streams were taken, and it opens a
+        new connection for the rest; nothing is cut."""
+        self.drain()
+
     def drain(self) -> None:
         """The edge is stopping: GOAWAY names the last stream taken, streams
         the client opens after it are refused, and the connection closes

@@ -117,6 +117,8 @@ class HTTP11Connection(Protocol):
         """The request being answered."""
         self._keep_alive = True
         """Whether the connection goes on after the current response."""
+        self._retired = False
+        """Whether a reload has made the next response the last."""
         self._parsing: _Queued | None = None
         """A pipelined request whose body is being parsed, while another is
         answered."""
@@ -214,6 +216,16 @@ class HTTP11Connection(Protocol):
         self._keep_alive = False
         if self._request is None:
             self._close()
+
+    def retire(self) -> None:
+        """A reload replaced the listener's configuration: the response
+        being sent, or else the next one, says ``Connection: close`` and is
+        the last. An idle connection is not closed under a client that may
+        be sending a request at this very moment; its idle timeout, or that
+        last response, closes it."""
+        self._retired = True
+        if self._request is not None and not self._queue:
+            self._keep_alive = False
 
     def idle_too_long(self) -> None:
         """No request for ``timeouts.client_idle``: the connection closes."""
@@ -340,6 +352,8 @@ class HTTP11Connection(Protocol):
                 # Delimited by the connection's end.
                 self._keep_alive = False
         self._framed = self._chunked or length is not None or bodiless
+        if self._retired and not self._queue:
+            self._keep_alive = False
         if not self._keep_alive:
             parts.append(b"Connection: close\r\n")
         elif not http11:

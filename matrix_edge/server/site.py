@@ -125,6 +125,12 @@ class EdgeSite(ServerFactory):
         Fires when the last connection has closed."""
         return self.connections.drain()
 
+    def retire(self) -> Deferred[None]:
+        """A reload replaced this site: each connection finishes what it
+        has and closes (see L{ClientConnections.retire}). Fires when the
+        last connection has closed."""
+        return self.connections.retire()
+
     def own_headers(self) -> list[Field]:
         """Headers of the edge's own answers: ``Date``, as an origin server
         sends it, and the configured ``Server``, if any."""

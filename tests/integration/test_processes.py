@@ -50,7 +50,9 @@ def test_two_processes_share_the_listeners(tmp_path: Path) -> None:
             re.search(r"Started child 1 \(pid (\d+)\)", edge.log()).group(1)
         )
         _wait_for(
-            lambda: "[child-1 matrix_edge.service#info] Listening on ::1" in edge.log()
+            lambda: (
+                "[child-1 matrix_edge.listening#info] Listening on ::1" in edge.log()
+            )
         )
         request = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -104,7 +106,9 @@ def test_workers_write_json_lines_to_the_access_log_file(tmp_path: Path) -> None
     upstream = processes.start_upstream(upstream_port, tmp_path / "upstream.log")
     edge = processes.start_edge(config, tmp_path / "edge.log", wait=("127.0.0.1", port))
     try:
-        _wait_for(lambda: "[child-1 matrix_edge.service#info] Listening" in edge.log())
+        _wait_for(
+            lambda: "[child-1 matrix_edge.listening#info] Listening" in edge.log()
+        )
         request = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: x\r\n\r\n"
 
         def twenty_written() -> bool:

@@ -36,8 +36,8 @@ from twisted.python.failure import Failure
 
 from matrix_edge.config._base import ConfigError
 from matrix_edge.config.edge import parse_config
+from matrix_edge.generation import load_tls
 from matrix_edge.server.tls import HTTPSOnlyFactory
-from matrix_edge.service import load_tls
 from matrix_edge.tls import (
     ServerTLS,
     SighupService,

@@ -434,28 +434,36 @@ def test_changed_keys_are_named_as_in_the_file():
     assert changed_keys(old, more) == ["listeners"]
 
 
-def test_sighup_names_what_waits_for_a_restart(tmp_path):
+def test_sighup_applies_changes_and_names_what_waits_for_a_restart(tmp_path):
+    from twisted.internet.testing import MemoryReactorClock
     from twisted.logger import globalLogPublisher
 
-    from matrix_edge.server.router import LiveSettings
-    from matrix_edge.service import reload_settings
+    from matrix_edge.reload import Reloader
+    from matrix_edge.service import make_service
+    from tests.processes import free_port
 
     path = tmp_path / "edge.yaml"
+    listener = f"listeners: [{{port: {free_port()}, bind_addresses: ['127.0.0.1']}}]\n"
+    path.write_text(listener + "upstream: http://127.0.0.1:8008\n")
+    reactor = MemoryReactorClock()
+    top = make_service(load_config(str(path)), reactor, str(path))
+    first = top.generation
     path.write_text(
-        "listeners: [{port: 8443, bind_addresses: ['127.0.0.1']}]\n"
-        "upstream: http://127.0.0.1:8008\n"
-    )
-    running = load_config(str(path))
-    path.write_text(
-        "listeners: [{port: 8443, bind_addresses: ['127.0.0.1']}]\n"
-        "upstream: http://127.0.0.1:8009\n"
-        "maintenance: {enabled: true}\n"
+        listener + "upstream: http://127.0.0.1:8009\n"
+        "maintenance: {enabled: true}\nprocesses: 2\n"
     )
     seen: list[dict] = []
     globalLogPublisher.addObserver(seen.append)
     try:
-        assert reload_settings(str(path), running, LiveSettings(running.maintenance))
+        assert Reloader(top, str(path), reactor, reuse_port=False)()
     finally:
         globalLogPublisher.removeObserver(seen.append)
-    warnings = [e for e in seen if "apply after a restart" in e.get("log_format", "")]
-    assert [e["keys"] for e in warnings] == ["upstream"]
+        for service in top.listeners.values():
+            service.close()
+    applied = [e["keys"] for e in seen if "now in effect" in e.get("log_format", "")]
+    waiting = [e["keys"] for e in seen if "after a restart" in e.get("log_format", "")]
+    assert applied == ["upstream, maintenance.enabled"]
+    assert waiting == ["processes"]
+    assert top.generation is not first
+    assert top.generation.live.maintenance.enabled
+    assert str(top.generation.synapse.address.port) == "8009"

@@ -78,3 +78,75 @@ def test_http2_gets_goaway_and_its_stream_is_answered():
     assert h.transport.disconnecting
     h.protocol.connectionLost(None)
     assert drained.called
+
+
+# Retiring a site a reload replaced: nothing is cut, not even a request a
+# client sends just as the reload happens.
+
+
+def test_a_retired_idle_connection_stays_open_and_its_next_answer_is_the_last():
+    h = make_harness()
+    h.send(GET)
+    h.connect_upstream()
+    h.upstream_says(OK)
+    retired = h.site.retire()
+    assert not h.client.disconnecting
+    h.send(GET)
+    h.upstream_says(OK)
+    second = h.response().split(b"HTTP/1.1 200 OK")[2]
+    assert b"\r\nConnection: close\r\n" in second
+    assert h.client.disconnecting
+    assert not retired.called
+    h.channel.connectionLost(None)
+    assert retired.called
+
+
+def test_a_request_in_flight_when_retired_is_answered_as_the_last_one():
+    h = make_harness()
+    h.send(GET)
+    h.connect_upstream()
+    retired = h.site.retire()
+    h.upstream_says(OK)
+    assert h.response().count(b"HTTP/1.1 200 OK") == 1
+    assert b"\r\nConnection: close\r\n" in h.response()
+    assert h.client.disconnecting
+    h.channel.connectionLost(None)
+    assert retired.called
+
+
+def test_pipelined_requests_read_before_retiring_are_all_answered():
+    h = make_harness()
+    h.send(GET + GET)
+    h.connect_upstream()
+    h.site.retire()
+    h.upstream_says(OK)
+    h.connect_upstream()
+    h.upstream_says(OK)
+    first, second = h.response().split(b"HTTP/1.1 200 OK")[1:]
+    assert b"Connection: close" not in first
+    assert b"\r\nConnection: close\r\n" in second
+    assert h.client.disconnecting
+
+
+def test_a_connection_that_opens_after_retiring_is_retired():
+    h = make_harness()
+    h.site.retire()
+    transport = StringTransport()
+    protocol = h.site.buildProtocol(None)
+    protocol.makeConnection(transport)
+    assert not transport.disconnecting
+    protocol.dataReceived(GET)
+    h.connect_upstream()
+    h.upstream_says(OK)
+    assert b"\r\nConnection: close\r\n" in transport.value()
+    assert transport.disconnecting
+
+
+def test_http2_is_retired_with_goaway():
+    h = H2Harness()
+    stream_id = h.request(b"GET", b"/_matrix/client/versions")
+    h.connect_upstream()
+    h.transport.clear()
+    h.site.retire()
+    [goaway] = [f for f in _frames(h.transport.value()) if isinstance(f, GoAwayFrame)]
+    assert (goaway.last_stream_id, goaway.error_code) == (stream_id, 0)

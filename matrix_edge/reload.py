@@ -1,0 +1,148 @@
+"""SIGHUP: apply the configuration file as it is now, whatever changed.
+
+As ``nginx -s reload`` does, and without losing a request: the file is read
+and checked, and a new generation is built from it (certificates loaded,
+new listeners bound) beside the one serving. Anything wrong leaves the
+running configuration alone, and the log says why. Otherwise the listening
+sockets of the listeners both configurations have hand new connections to
+the new generation, new listeners start, removed ones stop listening, and
+the old generation retires: requests in flight finish on the configuration
+they started with (see L{matrix_edge.generation}). With the file unchanged,
+a SIGHUP re-reads the certificates and re-opens the access log, for
+certificate renewals and log rotation.
+
+Only ``processes`` waits for a restart: the processes themselves are the
+ones reloading (the first passes SIGHUP on to the others).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from matrix_edge.config._base import ConfigError
+from matrix_edge.config.changes import changed_keys
+from matrix_edge.config.edge import EdgeConfig, load_config
+from matrix_edge.config.listeners import ListenerType
+from matrix_edge.generation import Generation
+from matrix_edge.listening import ListenError, ListenerService, listener_key
+
+log = Logger()
+
+RESTART_ONLY = ("processes",)
+
+
+class Reloader:
+    """Applies ``config_path`` to a running L{EdgeService}; called on
+    SIGHUP, returns whether the reload succeeded."""
+
+    def __init__(
+        self,
+        top: Any,
+        config_path: str,
+        reactor: Any,
+        reuse_port: bool,
+        child: bool = False,
+    ):
+        """
+        @param top: the L{matrix_edge.service.EdgeService} to reload.
+        @param reuse_port: bind new listeners with SO_REUSEPORT (several
+            processes each bind their own).
+        @param child: this is one of the processes the first one started.
+        """
+        self._top = top
+        self._path = config_path
+        self._reactor = reactor
+        self._reuse_port = reuse_port
+        self._child = child
+
+    def __call__(self) -> bool:
+        path = self._path
+        try:
+            fresh = load_config(path)
+        except ConfigError as e:
+            log.error("Not reloading {path}: {error}", path=path, error=str(e))
+            return False
+        running: EdgeConfig = self._top.config
+        changed = changed_keys(running, fresh)
+        if not changed:
+            return bool(self._top.generation.reload_files())
+        for warning in fresh.warnings:
+            log.warn("{path}: {warning}", path=path, warning=str(warning))
+        try:
+            self._apply(fresh)
+        except (ConfigError, ListenError) as e:
+            log.error("Not reloading {path}: {error}", path=path, error=str(e))
+            return False
+        applied = [k for k in changed if k.split(".")[0] not in RESTART_ONLY]
+        waiting = [k for k in changed if k.split(".")[0] in RESTART_ONLY]
+        if applied:
+            log.info(
+                "Reloaded {path}: {keys} now in effect",
+                path=path,
+                keys=", ".join(applied),
+            )
+        if waiting:
+            log.warn(
+                "{path}: changes to {keys} apply after a restart",
+                path=path,
+                keys=", ".join(waiting),
+            )
+        return True
+
+    def _apply(self, fresh: EdgeConfig) -> None:
+        top = self._top
+        generation = Generation(fresh, self._reactor, top.counts)
+        metrics_factory = next(
+            (
+                s.factory
+                for s in top.listeners.values()
+                if s.listener.type is ListenerType.METRICS
+            ),
+            None,
+        )
+        wanted = {}
+        for i, listener in enumerate(fresh.listeners):
+            if listener.type is ListenerType.METRICS:
+                if self._child:
+                    continue
+                if metrics_factory is None:
+                    log.warn(
+                        "listeners[{index}]: a first metrics listener starts "
+                        "after a restart",
+                        index=i,
+                    )
+                    continue
+                factory = metrics_factory
+            else:
+                factory = generation.factories[i]
+            wanted[listener_key(listener)] = (i, listener, factory)
+
+        added = [
+            ListenerService(
+                self._reactor,
+                listener,
+                factory,
+                reuse_port=self._reuse_port,
+                index=i,
+            )
+            for key, (i, listener, factory) in wanted.items()
+            if key not in top.listeners
+        ]
+        try:
+            for service in added:
+                service.bind()
+        except ListenError:
+            for service in added:
+                service.close()
+            raise
+        # Nothing can fail from here on.
+        for key in [k for k in top.listeners if k not in wanted]:
+            top.remove_listener(key)
+        for key, service in top.listeners.items():
+            i, listener, factory = wanted[key]
+            service.use(factory, listener, i)
+        for service in added:
+            top.add_listener(service)
+        top.replace_generation(generation)
