@@ -80,6 +80,13 @@ def too_large(limit: int) -> MatrixError:
     )
 
 
+def body_timeout(seconds: float) -> MatrixError:
+    """A request body that did not end within ``timeouts.request_body``."""
+    return MatrixError(
+        408, "M_UNKNOWN", f"The request body did not arrive within {seconds:g}s"
+    )
+
+
 def bad_gateway() -> MatrixError:
     return MatrixError(502, "M_UNKNOWN", "The homeserver could not be reached")
 

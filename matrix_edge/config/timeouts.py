@@ -22,6 +22,18 @@ class TimeoutsConfig:
     direction, is abandoned: an uploader that stalls, or a reader that stops
     reading."""
 
+    request_body: float = 900.0
+    """From the end of a request's headers to the end of its body: a body
+    still arriving after this long is abandoned, the client answered 408
+    and the connection to Synapse, which saw only part of the body, closed.
+    ``body_idle`` ends a body that stops; this ends one that keeps moving
+    too slowly for ever (a byte every few seconds), which would otherwise
+    hold a Synapse connection and request for as long as it likes. nginx
+    has no such total (its ``client_body_timeout`` is between reads, as
+    ``body_idle``), so the default is generous: 15 minutes carries a 50 MB
+    upload (Synapse's default ``max_upload_size``) at 0.45 Mbit/s, a slow
+    mobile uplink. Lower it only with the slowest uploads in mind."""
+
     client_idle: float = 120.0
     """A client connection with no request in progress is closed after this
     long without traffic."""
@@ -41,6 +53,7 @@ _KEYS = (
     "upstream_connect",
     "upstream_response",
     "body_idle",
+    "request_body",
     "client_idle",
     "request_headers",
 )

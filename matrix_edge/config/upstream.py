@@ -64,7 +64,10 @@ class UpstreamCheckConfig:
 
     fail_fast: bool = True
     """While the check fails, answer 502 at once instead of letting every
-    request wait for its own connection attempt."""
+    request wait for its own connection attempt. Where the upstream is the
+    only process for a request (main, the fallback web server, a pool with
+    no member up), one request at a time still tries it, so that a Synapse
+    back before the next check is used, and marked up, at once."""
 
 
 def parse_upstream_check(value: object, path: KeyPath) -> UpstreamCheckConfig:

@@ -146,9 +146,12 @@ class Dispatcher:
         else:
             if plan.to_main:
                 return plan.main_lease
-            return errors.unavailable(
-                "No server is available for this request at the moment", 5
-            )
+            trial = _trial_member(plan, exclude)
+            if trial is None:
+                return errors.unavailable(
+                    "No server is available for this request at the moment", 5
+                )
+            return self._lease(trial.pool, trial, plan.name)
         route = plan.name
         if len(members) == 1 or policy is Policy.SINGLE:
             # No key can change the choice: no whoami lookup to wait for.
@@ -242,6 +245,19 @@ class Dispatcher:
         if lease is None:
             return errors.limit_exceeded(pool.config.queue_timeout)
         return lease
+
+
+def _trial_member(plan: _Plan, exclude: Collection[Upstream]) -> Member | None:
+    """With every member of the route's pools known down, and main not to
+    take the request: one to try all the same rather than failing without
+    trying (one request at a time each, until the next news of it), in the
+    chain's order; None when each has a request trying it already."""
+    for pool, _ in plan.steps:
+        for member in pool.members:
+            upstream = member.upstream
+            if upstream not in exclude and upstream.try_while_down():
+                return member
+    return None
 
 
 def may_look_up(token: bytes) -> bool:

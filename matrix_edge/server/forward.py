@@ -55,6 +55,7 @@ class _Bound(enum.Enum):
     """What the exchange's one timer bounds."""
 
     IDLE = "body_idle"
+    BODY = "request_body"
     RESPONSE = "upstream_response"
 
 
@@ -69,6 +70,11 @@ class Forwarding:
     one read, is never bounded by ``body_idle``: the timer armed when the
     request was complete is cancelled when it has been relayed, and is the
     only one the request costs.
+
+    ``request_body`` bounds the whole request body, from the head on: while
+    the body arrives, the same timer is set for the stall bound or for what
+    is left of that deadline, whichever is sooner, and once the deadline is
+    the sooner it stays set for it.
     """
 
     # Processes tried in turn for one request when each refuses the
@@ -102,6 +108,9 @@ class Forwarding:
         self._responding = False
         self._timer: IDelayedCall | None = None
         self._timer_bound: _Bound | None = None
+        self._body_deadline: float | None = None
+        """When the request body must have ended, while it arrives and no
+        response has begun."""
         self._started_at = 0.0
         self.upstream_seconds: float | None = None
 
@@ -115,12 +124,17 @@ class Forwarding:
             request.listener.scheme,
             request_id=(request.request_id_header, request.request_id.encode()),
         )
+        now = self._started_at = self._clock.seconds()
         if length != 0:
             client = request.side
             reading = ClientReading(client.pause_reading, client.resume_reading)
             self._body = RequestBody(length, reading)
-            self._set_timer(_Bound.IDLE)
-        self._started_at = self._clock.seconds()
+            timeouts = self._timeouts
+            self._body_deadline = now + timeouts.request_body
+            if timeouts.request_body < timeouts.body_idle:
+                self._set_timer(_Bound.BODY)
+            else:
+                self._set_timer(_Bound.IDLE)
         self._headers = headers
         self._place(self._placed)
 
@@ -189,9 +203,10 @@ class Forwarding:
             return
         if self._body is not None:
             self._body.write(data)
-        self._touch()
+        self._touch_body()
 
     def body_complete(self) -> None:
+        self._body_deadline = None
         if self._body is not None:
             self._body.finish()
         pending = self._exchange is not None or self._waiting is not None
@@ -204,6 +219,7 @@ class Forwarding:
         self, code: int, phrase: bytes, headers: HeaderList, length: int | None
     ) -> None:
         self._responding = True
+        self._body_deadline = None
         self._stop_timer()
         self.upstream_seconds = self._clock.seconds() - self._started_at
         assert self.lease is not None
@@ -356,12 +372,31 @@ class Forwarding:
     def _seconds(self, bound: _Bound) -> float:
         if bound is _Bound.IDLE:
             return self._timeouts.body_idle
+        if bound is _Bound.BODY:
+            assert self._body_deadline is not None
+            return self._body_deadline - self._clock.seconds()
         return self._timeouts.upstream_response
 
     def _touch(self) -> None:
         """Body bytes moved: the stall bound starts again."""
         if self._timer_bound is _Bound.IDLE and self._timer is not None:
             self._timer.reset(self._timeouts.body_idle)
+
+    def _touch_body(self) -> None:
+        """Request body bytes moved: the stall bound starts again, unless
+        the deadline of the whole body comes sooner, which it then bounds."""
+        timer = self._timer
+        if self._timer_bound is not _Bound.IDLE or timer is None:
+            return
+        idle = self._timeouts.body_idle
+        deadline = self._body_deadline
+        if deadline is not None:
+            left = deadline - self._clock.seconds()
+            if left < idle:
+                self._timer_bound = _Bound.BODY
+                timer.reset(max(left, 0.0))
+                return
+        timer.reset(idle)
 
     def _stop_timer(self) -> None:
         timer, self._timer, self._timer_bound = self._timer, None, None
@@ -372,6 +407,8 @@ class Forwarding:
         bound, self._timer, self._timer_bound = self._timer_bound, None, None
         if bound is _Bound.IDLE:
             self._body_stalled()
+        elif bound is _Bound.BODY:
+            self._body_too_slow()
         elif not self._responding and (
             self._exchange is not None or self._waiting is not None
         ):
@@ -388,3 +425,17 @@ class Forwarding:
         )
         self._abandon_upstream()
         request.abort()
+
+    def _body_too_slow(self) -> None:
+        request = self._request
+        log.info(
+            "The body of {method} {target} did not end within {seconds}s; "
+            "abandoning it",
+            seconds=self._timeouts.request_body,
+            method=request.log_method,
+            target=request.log_target,
+        )
+        self._body_deadline = None
+        # Synapse saw part of the body: its connection is closed, not reused.
+        self._abandon_upstream()
+        request.answer_early(errors.body_timeout(self._timeouts.request_body))

@@ -43,6 +43,14 @@ FORWARDING_HEADERS = frozenset(
 _REQUEST_DROPPED = FORWARDING_HEADERS | {b"expect"}
 
 
+# Fields that a client's ``Connection`` header may name but never removes
+# from the request sent upstream. Host goes to Synapse byte for byte, as the
+# client sent it: it is end-to-end, and Synapse reads the server name from
+# it. The fields the edge sets (X-Forwarded-*, the request ID) are added
+# after the client's are filtered, and the body's framing is the upstream
+# client's own, so no token reaches those either.
+_NOT_CONNECTION_SPECIFIC = frozenset({b"host"})
+
 # Connection values nearly every message carries, which name no header
 # beyond the hop-by-hop ones that are dropped anyway.
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
@@ -107,8 +115,9 @@ def upstream_request_headers(
         elif lower == b"connection":
             listed.append(field[1])
     if listed:
-        extra = connection_tokens(listed)
-        out = [field for field in out if field[0].lower() not in extra]
+        extra = connection_tokens(listed) - _NOT_CONNECTION_SPECIFIC
+        if extra:
+            out = [field for field in out if field[0].lower() not in extra]
     out.append((b"X-Forwarded-For", forwarded_for))
     out.append((b"X-Forwarded-Proto", forwarded_proto))
     if request_id is not None:

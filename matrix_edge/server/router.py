@@ -21,7 +21,7 @@ from matrix_edge.metrics.registry import ListenerMetrics
 from matrix_edge.pools.dispatch import Dispatcher, Placed
 from matrix_edge.pools.pool import Lease
 from matrix_edge.server.fields import HeaderFields
-from matrix_edge.target import check_target
+from matrix_edge.target import check_target, disguised_matrix_path
 from matrix_edge.upstream.client import Upstream
 
 # What each kind of listener forwards to Synapse, as in Synapse's
@@ -52,6 +52,10 @@ _INTERNAL_BELOW = tuple(prefix + b"/" for prefix in INTERNAL_PREFIXES)
 _ADMIN_BELOW = ADMIN_PREFIX + b"/"
 _SYNAPSE = b"/_synapse"
 _SYNAPSE_BELOW = _SYNAPSE + b"/"
+
+# The refusal of a path outside the forwarded prefixes that a normalising
+# server would read as inside /_matrix or /_synapse.
+DISGUISED = "The request path is a /_matrix or /_synapse path in disguise"
 
 # Media uploads, which get the larger body limit.
 _MEDIA_UPLOAD = re.compile(
@@ -151,9 +155,13 @@ class Router:
         elif not (
             path.startswith(self._forwarded_below) or path in self._forwarded_exact
         ):
-            if self._fallback is not None and not (
-                path == _SYNAPSE or path.startswith(_SYNAPSE_BELOW)
-            ):
+            if path == _SYNAPSE or path.startswith(_SYNAPSE_BELOW):
+                return errors.not_found()
+            if disguised_matrix_path(path):
+                # Never to the fallback web server, which may read it as
+                # /_synapse/admin; not a Matrix path as sent either.
+                return errors.bad_request(DISGUISED)
+            if self._fallback is not None:
                 return self._forward(
                     self._fallback, self._config.max_request_size, length
                 )
@@ -206,7 +214,14 @@ class Router:
     def _forward(self, lease: Lease, limit: int, length: int | None) -> Decision:
         if length is not None and length > limit:
             return errors.too_large(limit)
-        if lease.upstream.known_down and self._config.upstream_check.fail_fast:
+        upstream = lease.upstream
+        if (
+            upstream.known_down
+            and self._config.upstream_check.fail_fast
+            # The only process for it: tried all the same, one request at
+            # a time, in case it is back before the next check.
+            and not upstream.try_while_down()
+        ):
             if self._metrics is not None:
                 self._metrics.upstream_error(lease.pool, 502, "upstream_down")
             return errors.bad_gateway()

@@ -72,6 +72,9 @@ class Upstream:
         self.connect_failures = 0
         """Connections that could not be made (for requests and checks),
         for metrics."""
+        self.on_trial = False
+        """Whether a request has been let through to try it while it is
+        known to be down; until the next news of its state (L{mark})."""
 
     # Health --------------------------------------------------------------
 
@@ -81,8 +84,20 @@ class Upstream:
         tell: only then may requests be failed without trying."""
         return self.watched and self.healthy is False
 
+    def try_while_down(self) -> bool:
+        """Whether a request may try this upstream although it is known
+        down: where there is nothing else to send it to, one request at a
+        time does (the others may fail fast), so that a Synapse back before
+        the next check is seen at once. Any news of its state (L{mark}: the
+        next check, or this request's outcome) lets the next one try."""
+        if self.on_trial:
+            return False
+        self.on_trial = True
+        return True
+
     def mark(self, healthy: bool, reason: str = "") -> None:
         """Record whether Synapse answers, telling listeners of a change."""
+        self.on_trial = False
         if healthy is not self.healthy:
             self.healthy = healthy
             for callback in self.on_state_change:

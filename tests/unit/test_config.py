@@ -90,6 +90,7 @@ def test_defaults():
     assert config.trusted_proxies == ()
     assert config.timeouts.upstream_connect == 5.0
     assert config.timeouts.upstream_response == 180.0
+    assert config.timeouts.request_body == 900.0
     assert config.upstream.host == "127.0.0.1"
     assert config.upstream.port == 8008
     assert not config.well_known.enabled
@@ -168,6 +169,14 @@ def test_upstream_forms(upstream, expected):
             "timeouts.upstream_connect: must be greater",
         ),
         (_minimal(timeouts={"sync": "1s"}), "timeouts.sync: unknown key"),
+        (
+            _minimal(timeouts={"request_body": "0s"}),
+            "timeouts.request_body: must be greater than zero",
+        ),
+        (
+            _minimal(timeouts={"request_body": "soon"}),
+            "timeouts.request_body: expected a duration",
+        ),
         (
             _minimal(upstream_pool={"max_idle_connections": 0}),
             "upstream_pool.max_idle_connections: must be at least 1",

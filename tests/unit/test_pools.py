@@ -897,13 +897,37 @@ def test_no_member_up_falls_back_to_main():
     assert (choice.pool, choice.fell_back) == (MAIN, True)
 
 
-def test_no_member_up_without_fallback_is_503():
+def test_no_member_up_without_fallback_tries_one_at_a_time():
+    """Every member of the route's pool known down, and no main to take the
+    request: each member is tried by one request at a time rather than the
+    request failing untried; the next check (or that request's outcome)
+    lets the next one try."""
+    d = deploy({"media_repository": W[:2], "sso": W[2:3]})
+    d.down(*W[:3])
+    media = facts(b"GET", b"/_matrix/media/v3/download/hs/abc")
+    assert d.address_of(d.dispatcher.place(media)) == W[0]
+    assert d.address_of(d.dispatcher.place(media)) == W[1]
+    assert isinstance(d.dispatcher.place(media), MatrixError)
+    d.down(W[1])  # news of W[1]: down still
+    assert d.address_of(d.dispatcher.place(media)) == W[1]
+    # Healthy members are chosen as ever once there is one.
+    d.member(W[0]).mark(True)
+    assert {d.address_of(d.dispatcher.place(media)) for _ in range(4)} == {W[0]}
+    # A member refused by this request's own attempt is not tried again.
+    d.down(W[0])
+    error = d.dispatcher.place(media, exclude=[d.member(W[0]), d.member(W[1])])
+    assert isinstance(error, MatrixError) and error.code == 503
+
+
+def test_no_member_up_without_fallback_is_503_once_each_is_tried():
     d = deploy({"media_repository": W[:2], "sso": W[2:3]})
     d.down(*W[:3])
     for target in (
         b"/_matrix/media/v3/download/hs/abc",
         b"/_matrix/client/v3/login/sso/redirect?redirectUrl=x",
     ):
+        while isinstance(d.dispatcher.place(facts(b"GET", target)), Lease):
+            pass
         error = d.dispatcher.place(facts(b"GET", target))
         assert isinstance(error, MatrixError)
         assert (error.code, error.errcode, error.retry_after) == (503, "M_UNKNOWN", 5)

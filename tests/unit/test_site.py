@@ -9,8 +9,10 @@ import attrs
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from matrix_edge.config.edge import parse_config
 from matrix_edge.server.request import LINGER_SECONDS
@@ -146,6 +148,131 @@ def test_stalled_upload_is_abandoned():
     h.clock.advance(2)
     assert h.client.disconnected or h.client.disconnecting
     assert upstream.disconnected or upstream.disconnecting
+
+
+def _exchange_timers(h: Harness) -> list:
+    return [
+        call
+        for call in h.clock.getDelayedCalls()
+        if getattr(call.func, "__name__", "") == "_timer_fired"
+    ]
+
+
+def test_trickled_upload_gets_408_at_the_body_deadline():
+    """Every byte within body_idle, but the whole body not within
+    request_body: 408 as a Matrix error, and the upstream connection, which
+    saw part of the body, closed. One timer bounds both."""
+    h = make_harness(timeouts={"body_idle": "10s", "request_body": "30s"})
+    h.send(
+        b"PUT /_matrix/client/v3/x HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n"
+    )
+    upstream = h.connect_upstream()
+    for _ in range(5):
+        h.clock.advance(5)
+        h.send(b"x")
+        assert len(_exchange_timers(h)) == 1
+    h.clock.advance(4.5)  # 29.5s
+    assert h.response() == b""
+    assert not upstream.disconnecting
+    h.clock.advance(1)
+    head, body = h.response().split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert b"\r\nConnection: close" in head
+    assert b"\r\nContent-Type: application/json" in head
+    assert json.loads(body)["errcode"] == "M_UNKNOWN"
+    assert upstream.disconnecting or upstream.disconnected
+    assert _exchange_timers(h) == []
+
+
+def test_body_deadline_sooner_than_body_idle():
+    h = make_harness(timeouts={"body_idle": "60s", "request_body": "5s"})
+    h.send(
+        b"PUT /_matrix/client/v3/x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nab"
+    )
+    upstream = h.connect_upstream()
+    h.clock.advance(4)
+    h.send(b"cd")
+    assert h.response() == b""
+    h.clock.advance(1.5)
+    assert h.response().startswith(b"HTTP/1.1 408 ")
+    assert upstream.disconnecting or upstream.disconnected
+
+
+def test_body_deadline_ends_with_the_body():
+    """A body that ends in time: upstream_response bounds what follows,
+    from the body's end, and the deadline no longer applies."""
+    h = make_harness(
+        timeouts={"body_idle": "10s", "request_body": "30s", "upstream_response": "60s"}
+    )
+    h.send(
+        b"PUT /_matrix/client/v3/x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nab"
+    )
+    h.connect_upstream()
+    h.clock.advance(8)
+    h.send(b"cd")
+    h.clock.advance(55)
+    assert h.response() == b""
+    h.upstream_says(OK)
+    assert h.response().startswith(b"HTTP/1.1 200 OK")
+    assert _exchange_timers(h) == []
+
+
+def test_body_deadline_not_armed_without_a_body():
+    h = make_harness(timeouts={"request_body": "1s"})
+    h.send(b"GET /_matrix/client/v3/sync HTTP/1.1\r\nHost: h\r\n\r\n")
+    h.connect_upstream()
+    h.clock.advance(30)
+    h.upstream_says(OK)
+    assert h.response().startswith(b"HTTP/1.1 200 OK")
+
+
+def _second_client(h: Harness):
+    channel = h.site.buildProtocol(IPv4Address("TCP", "203.0.113.8", 50001))
+    client = StringTransport(
+        peerAddress=IPv4Address("TCP", "203.0.113.8", 50001),
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 8443),
+    )
+    channel.makeConnection(client)
+    return channel, client
+
+
+def test_the_only_upstream_known_down_is_still_tried():
+    """The last check said down and there is no other process: one request
+    at a time tries it (others fail fast meanwhile); its success marks it
+    up at once, and every request goes again."""
+    h = make_harness()
+    upstream = h.site.upstream
+    upstream.watched = True
+    upstream.mark(False, "refused")
+    h.send(b"GET /_matrix/client/v3/a HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert len(h.clock.tcpClients) == 1  # tried
+    channel, client = _second_client(h)
+    channel.dataReceived(b"GET /_matrix/client/v3/b HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert client.value().startswith(b"HTTP/1.1 502 ")  # while the first tries
+    assert len(h.clock.tcpClients) == 1
+    h.connect_upstream()
+    h.upstream_says(OK)
+    assert h.response().startswith(b"HTTP/1.1 200 OK")
+    assert upstream.healthy is True and not upstream.known_down
+    channel, client = _second_client(h)
+    channel.dataReceived(b"GET /_matrix/client/v3/c HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert client.value() == b""  # forwarded, on the pooled connection
+    assert h.upstream.value().endswith(b"\r\n\r\n")
+    assert b"GET /_matrix/client/v3/c " in h.upstream.value()
+
+
+def test_the_only_upstream_still_down_gives_502_and_is_tried_again():
+    h = make_harness()
+    upstream = h.site.upstream
+    upstream.watched = True
+    upstream.mark(False, "refused")
+    for _ in range(2):
+        channel, client = _second_client(h)
+        channel.dataReceived(b"GET /_matrix/client/v3/a HTTP/1.1\r\nHost: h\r\n\r\n")
+        _host, _port, factory, _timeout, _bind = h.clock.tcpClients.pop(0)
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        assert client.value().startswith(b"HTTP/1.1 502 ")
+        assert upstream.known_down
 
 
 def test_reader_that_stops_reading_is_dropped():

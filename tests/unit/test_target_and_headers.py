@@ -13,7 +13,13 @@ from matrix_edge.server.headers import (
     parse_ip,
     upstream_request_headers,
 )
-from matrix_edge.target import check_target, path_has_prefix, split_target
+from matrix_edge.target import (
+    check_target,
+    disguised_matrix_path,
+    normalised_path,
+    path_has_prefix,
+    split_target,
+)
 
 
 @pytest.mark.parametrize(
@@ -29,6 +35,11 @@ from matrix_edge.target import check_target, path_has_prefix, split_target
         b"/a/.b",
         b"/a/b.",
         b"/a/%2e%2e%2e",
+        b"/a/b..%2fc",
+        b"/a/b%2F..c",
+        b"/a%2F...%2Fb",
+        b"/a/%2F%2e%2e%2e",
+        b"/a?b=..%2f..%2f",
         b"/a;p",
         b"/%7E",
         b"/a/%C3%A9",
@@ -52,6 +63,17 @@ def test_accepted_targets(target):
         (b"GET", b"/a/%2E%2e/b", "dot segment"),
         (b"GET", b"/a/%2e./b", "dot segment"),
         (b"GET", b"/a/%2E", "dot segment"),
+        # Closed or opened by an encoded slash, which a decoding server
+        # reads as a slash.
+        (b"GET", b"/a/..%2fb", "dot segment"),
+        (b"GET", b"/a/..%2F", "dot segment"),
+        (b"GET", b"/a/%2e%2e%2fb", "dot segment"),
+        (b"GET", b"/a/%2E%2E%2Fb", "dot segment"),
+        (b"GET", b"/a/.%2F", "dot segment"),
+        (b"GET", b"/a%2f..%2fb", "dot segment"),
+        (b"GET", b"/a%2F%2e%2E", "dot segment"),
+        (b"GET", b"/a%2f.", "dot segment"),
+        (b"GET", b"/a%2f..?x", "dot segment"),
         (b"GET", b"/a b", "characters"),
         (b"GET", b"/a#b", "characters"),
         (b"GET", b"/a\x00", "characters"),
@@ -73,6 +95,49 @@ def test_refused_targets(method, target, reason):
 
 def test_dot_segments_in_query_are_data():
     assert check_target(b"GET", b"/a?next=/../b") is None
+    assert check_target(b"GET", b"/a?next=%2F..%2Fb") is None
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"//_synapse/admin/v1/server_version",
+        b"///_matrix/client/versions",
+        b"/%5fsynapse/admin",
+        b"/%5Fsynapse/admin",
+        b"/_synapse%2fadmin",
+        b"/_synapse%2Fadmin",
+        b"/%2F_synapse/admin",
+        b"/\\_synapse/admin",
+        b"/_SYNAPSE/admin",
+        b"/_Matrix/client/versions",
+        b"/%5Fmatrix",
+        b"/_synaps%65",
+    ],
+)
+def test_disguised_matrix_paths(path):
+    assert disguised_matrix_path(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/",
+        b"/index.html",
+        b"//index.html",
+        b"/_synapsefoo",
+        b"/%5fmatrixfoo/x",
+        b"/static/_synapse/admin",
+        b"/a%2F_synapse/admin",
+    ],
+)
+def test_paths_that_are_not_matrix_paths(path):
+    assert not disguised_matrix_path(path)
+
+
+def test_normalised_path():
+    assert normalised_path(b"//A%2Fb\\\\C%5f") == b"/a/b/c_"
+    assert normalised_path(b"/plain") == b"/plain"
 
 
 def test_split_target_keeps_empty_query():
@@ -135,6 +200,40 @@ def test_upstream_headers_replace_forwarding_headers():
     )
     assert out == [
         (b"Host", b"hs:8443"),
+        (b"X-Forwarded-For", b"203.0.113.1"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Request-ID", b"abc"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [
+        [b"Host"],
+        [b" hOsT "],
+        [b"keep-alive", b"Host"],
+        [b"X-Hop, Host, X-Forwarded-For, X-Request-ID, Content-Length"],
+    ],
+)
+def test_connection_never_removes_host(connection):
+    """Connection may name end-to-end fields to drop (X-Hop), never Host,
+    nor what the edge sets itself."""
+    client = HeaderFields(
+        [
+            (b"Host", b"Matrix.Example.org:8448"),
+            *[(b"Connection", value) for value in connection],
+            (b"X-Hop", b"1"),
+            (b"Authorization", b"Bearer t"),
+        ]
+    )
+    out = upstream_request_headers(
+        client, b"203.0.113.1", b"https", request_id=(b"X-Request-ID", b"abc")
+    )
+    dropped = b"x-hop" in b",".join(connection).lower()
+    assert out == [
+        (b"Host", b"Matrix.Example.org:8448"),
+        *([] if dropped else [(b"X-Hop", b"1")]),
+        (b"Authorization", b"Bearer t"),
         (b"X-Forwarded-For", b"203.0.113.1"),
         (b"X-Forwarded-Proto", b"https"),
         (b"X-Request-ID", b"abc"),

@@ -1,0 +1,131 @@
+"""A blocking client for the adversarial probes (run it in a thread): it
+sends exact bytes, plain or over TLS, and reads responses off the wire
+without trusting their framing."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+
+from tests.http1_messages import Resp
+
+
+def parse_head(buf: bytes) -> tuple[Resp, bytes] | None:
+    """A response head from the front of ``buf`` and what follows it."""
+    head, sep, rest = buf.partition(b"\r\n\r\n")
+    if not sep:
+        return None
+    status_line, *lines = head.split(b"\r\n")
+    version, code, _ = (status_line + b" ").split(b" ", 2)
+    headers = [tuple(x.strip() for x in line.split(b":", 1)) for line in lines]
+    return Resp(version, int(code), headers, b""), rest  # type: ignore[arg-type]
+
+
+def dechunk(data: bytes) -> tuple[bytes, bool]:
+    """The payload of a chunked body, and whether its last chunk came."""
+    body = b""
+    while True:
+        line, sep, after = data.partition(b"\r\n")
+        if not sep:
+            return body, False
+        size = int(line.split(b";")[0], 16)
+        if size == 0:
+            return body, True
+        if len(after) < size + 2:
+            return body + after[:size], False
+        body += after[:size]
+        data = after[size + 2 :]
+
+
+class Conn:
+    def __init__(
+        self,
+        port: int,
+        tls: ssl.SSLContext | None = None,
+        timeout: float = 10.0,
+    ):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock: socket.socket = (
+            tls.wrap_socket(raw, server_hostname="localhost") if tls else raw
+        )
+        self.buf = b""
+        self.eof = False
+
+    def __enter__(self) -> Conn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> None:
+        try:
+            chunk = self.sock.recv(65536)
+        except (ConnectionResetError, ssl.SSLError):
+            chunk = b""
+        if not chunk:
+            self.eof = True
+        self.buf += chunk
+
+    def head(self, timeout: float = 10.0) -> Resp:
+        """The next response head; what follows it stays in ``buf``."""
+        deadline = time.monotonic() + timeout
+        while (parsed := parse_head(self.buf)) is None:
+            assert not self.eof, f"closed before a response head: {self.buf[:200]!r}"
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "no response head in time"
+            self.sock.settimeout(remaining)
+            self._fill()
+        resp, self.buf = parsed
+        return resp
+
+    def response(self, method: bytes = b"GET", timeout: float = 10.0) -> Resp:
+        """The next whole response, framed by Content-Length or chunks."""
+        resp = self.head(timeout)
+        if resp.status < 200 or resp.status in (204, 304) or method == b"HEAD":
+            return resp
+        deadline = time.monotonic() + timeout
+        chunked = (resp.header(b"transfer-encoding") or b"").lower() == b"chunked"
+        length = resp.header(b"content-length")
+        while True:
+            if chunked:
+                body, ended = dechunk(self.buf)
+                if ended:
+                    resp.body = body
+                    self.buf = self.buf.partition(b"0\r\n\r\n")[2]
+                    return resp
+            elif length is not None and len(self.buf) >= int(length):
+                resp.body, self.buf = self.buf[: int(length)], self.buf[int(length) :]
+                return resp
+            assert not self.eof, f"closed mid-response: {resp}"
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "response incomplete in time"
+            self.sock.settimeout(remaining)
+            self._fill()
+
+    def until_eof(self, timeout: float) -> bool:
+        """Read until the server ends the connection: True if it does
+        within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.eof:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.sock.settimeout(remaining)
+            try:
+                self._fill()
+            except TimeoutError:
+                return False
+        return True
+
+    def closed(self, timeout: float = 2.0) -> bool:
+        """True when the server ends the connection with nothing more."""
+        before = len(self.buf)
+        return self.until_eof(timeout) and len(self.buf) == before
+
+    def close(self) -> None:
+        self.sock.close()
