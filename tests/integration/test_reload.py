@@ -165,6 +165,8 @@ def test_sighup_applies_every_change_and_loses_nothing(
             upstream.stop()
 
     for loop in loops:
+        kind = "keep-alive" if loop.keep_alive else "new connections"
+        print(f"{kind}: {dict(loop.answered_by)}, errors: {loop.errors}")
         assert loop.errors == [], loop.errors
         assert loop.answered_by["a"] > 20 and loop.answered_by["b"] > 20
     assert "Traceback" not in edge.log()
