@@ -221,6 +221,15 @@ def edge(tmp_path: Path) -> Iterator[Edge]:
     made.close()
 
 
+@pytest.fixture(scope="module")
+def module_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    """``edge`` for a whole test module: the fuzzers and the HTTP/2 probes
+    share one edge between their cases, as real clients do."""
+    made = Edge(tmp_path_factory.mktemp("edge"))
+    yield made
+    made.close()
+
+
 @pytest.fixture
 def tracebacks() -> Iterator[list[dict]]:
     """Failures and errors logged while the test runs."""

@@ -178,3 +178,47 @@ async def test_connection_removes_a_listed_end_to_end_field(edge):
         b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
         b"X-Request-ID: " + request_id
     )
+
+
+# Pipelining: a refusal keeps its place ----------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a pipelined head refused at on_headers_complete is taken for a "
+    "broken body of the request in flight: that request, forwarded whole, "
+    "loses its answer to the 400",
+)
+@pytest.mark.parametrize(
+    "refused",
+    [
+        b"POST /_matrix/client/v3/b HTTP/1.1\r\nHost: h\r\n"
+        b"Transfer-Encoding: identity\r\n\r\n",
+        b"GET /_matrix/client/v3/b HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\n"
+        b"Upgrade: h2c\r\nContent-Length: 1\r\n\r\nx",
+    ],
+    ids=["transfer-encoding-identity", "upgrade-with-body"],
+)
+@pytest_twisted.ensureDeferred
+async def test_pipelined_refusal_keeps_the_answer_before_it(edge, refused):
+    """A request pipelined behind another, refused in its head: the request
+    before it, which the upstream received whole, is answered with the
+    upstream's answer, and the refusal comes after it (RFC 9112 section
+    9.3.2: responses in the order of the requests)."""
+    stack = edge()
+    await warm(stack)
+    raw = get(b"/_matrix/client/v3/a") + refused
+
+    def run():
+        with Conn(stack.port) as conn:
+            conn.send(raw)
+            first = conn.response()
+            return first, conn.response() if first.status == 200 else None
+
+    first, second = await deferToThread(run)
+    await settle()
+    targets = [r.target for r in stack.upstream.requests]
+    assert targets == [b"/_matrix/client/v3/warm", b"/_matrix/client/v3/a"]
+    assert first.status == 200, f"the forwarded request was answered {first}"
+    assert second is not None
+    assert_json_error(second, 400)

@@ -330,3 +330,178 @@ async def test_worker_restart_loses_no_request(edge, tracebacks):
     assert [a.status for a in answers] == [200] * POOLED, answers
     assert len(new.requests) == POOLED
     assert stack.upstream.requests == []
+
+
+# Bytes after a complete response, on a pooled connection -------------------------
+
+STRAY = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nSTRAY"
+
+
+def stray_after(when: str, stray: bytes):
+    """A script: the first request is answered whole, then ``stray`` bytes
+    follow (in the same write, or a moment later); the next ones are
+    answered as usual."""
+
+    def script(proto: ScriptedProtocol, rec: Recorded, nth: int) -> bool:
+        if rec.target != b"/_matrix/client/v3/first":
+            return False
+        body = b'{"first": true}'
+        proto.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+            + (stray if when == "same-write" else b"")
+        )
+        if when == "later":
+            reactor.callLater(0.1, proto.write, stray)
+        return True
+
+    return script
+
+
+@pytest.mark.parametrize("stray", [STRAY, b"junk\r\n"], ids=["response", "junk"])
+@pytest.mark.parametrize("when", ["same-write", "later"])
+@pytest_twisted.ensureDeferred
+async def test_bytes_after_a_complete_response_are_never_relayed(
+    edge, tracebacks, when, stray
+):
+    """The first response is relayed whole; the connection it came on is
+    not used again, and the next request (on the same client connection
+    and on a new one) gets its own answer, never the stray bytes."""
+    upstream = ScriptedUpstream(stray_after(when, stray))
+    stack = edge(upstream)
+
+    def run():
+        with Conn(stack.port, timeout=PROMPTLY) as conn:
+            conn.send(get(b"/_matrix/client/v3/first"))
+            first = conn.response()
+            time.sleep(0.3)  # the stray bytes are out by now
+            conn.send(get(b"/_matrix/client/v3/second"))
+            second = conn.response()
+            left = conn.buf
+        with Conn(stack.port, timeout=PROMPTLY) as conn:
+            conn.send(get(b"/_matrix/client/v3/third"))
+            third = conn.response()
+        return first, second, third, left
+
+    first, second, third, left = await deferToThread(run)
+    assert first.status == 200 and first.body == b'{"first": true}'
+    for answer, target in ((second, b"second"), (third, b"third")):
+        assert answer.status == 200, answer
+        assert b"STRAY" not in answer.body and b"junk" not in answer.body
+        assert answer.json()["target"] == "/_matrix/client/v3/" + target.decode()
+    assert left == b""
+    first_rec, *later = upstream.requests
+    assert all(r.connection_id != first_rec.connection_id for r in later)
+    await until(lambda: first_rec.connection_id in upstream.lost)
+    assert tracebacks == []
+
+
+# A flood of interim responses --------------------------------------------------
+
+
+def interim_flood(count: int | None):
+    """A script: ``count`` 103 Early Hints before the final 200, written as
+    fast as the edge takes them; None: 1xx without end."""
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+
+    def script(proto: ScriptedProtocol, rec: Recorded, nth: int) -> bool:
+        if count is not None:
+            proto.write(
+                interim
+                * count
+                + b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 2\r\n\r\n{}"
+            )
+            return True
+
+        def more() -> None:
+            if proto.transport is not None and proto.connection_id not in (
+                proto.factory.lost
+            ):
+                proto.write(interim * 100)
+                reactor.callLater(0.001, more)
+
+        more()
+        return True
+
+    return script
+
+
+@pytest.mark.parametrize("count", [1, 50, 20_000, None], ids=str)
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_interim_responses_is_bounded(edge, tracebacks, count):
+    """1xx responses before the final one are not relayed: a few pass, a
+    flood is either passed or cut off with a 502, promptly, and the
+    upstream connection that sent an endless one is closed."""
+    upstream = ScriptedUpstream(interim_flood(count))
+    stack = edge(upstream)
+
+    def run():
+        with Conn(stack.port, timeout=PROMPTLY) as conn:
+            conn.send(get(b"/_matrix/client/v3/hints"))
+            return conn.response(timeout=PROMPTLY)
+
+    answer = await deferToThread(run)
+    if count is not None and count <= 50:
+        assert answer.status == 200 and answer.body == b"{}", answer
+    elif answer.status != 200:
+        assert_json_error(answer, 502)
+    if count is None:
+        assert answer.status == 502
+        [rec] = upstream.requests
+        await until(lambda: rec.connection_id in upstream.lost)
+    assert tracebacks == []
+
+
+# Transfer codings the edge cannot relay --------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a response Transfer-Encoding other than a single chunked is "
+    "relayed with the Transfer-Encoding dropped: the client reads coded "
+    "bytes as the content",
+)
+@pytest.mark.parametrize(
+    "coding", [b"chunked, chunked", b"gzip, chunked", b"gzip", b"chunked, identity"]
+)
+@pytest_twisted.ensureDeferred
+async def test_transfer_coding_the_edge_cannot_relay(edge, tracebacks, coding):
+    """The edge re-frames what it relays and sends no transfer coding but
+    chunked: a response coded otherwise (RFC 9112 section 6.1; chunked
+    twice is not even allowed) cannot be relayed as it is meant: 502."""
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (7, b"<hello>")
+    stack = edge(
+        ScriptedUpstream(
+            raw_answer(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n%s" % (coding, body)
+            )
+        )
+    )
+
+    def run():
+        with Conn(stack.port, timeout=PROMPTLY + 5) as conn:
+            conn.send(get(b"/_matrix/client/v3/coded"))
+            return conn.response(timeout=PROMPTLY)
+
+    assert_json_error(await deferToThread(run), 502)
+
+
+@pytest.mark.xfail(strict=True, reason="relayed as a 200: llhttp takes the NUL")
+@pytest_twisted.ensureDeferred
+async def test_nul_in_the_reason_phrase_is_a_502(edge, tracebacks):
+    """RFC 9112 section 4: a reason phrase is HTAB, SP, VCHAR or obs-text;
+    a status line with a NUL is not HTTP/1.1, as in BROKEN above."""
+    stack = edge(
+        ScriptedUpstream(
+            raw_answer(b"HTTP/1.1 200 O\x00K\r\nContent-Length: 2\r\n\r\n{}")
+        )
+    )
+
+    def run():
+        with Conn(stack.port, timeout=PROMPTLY + 5) as conn:
+            conn.send(get(b"/_matrix/client/v3/nul"))
+            return conn.response(timeout=PROMPTLY)
+
+    assert_json_error(await deferToThread(run), 502)

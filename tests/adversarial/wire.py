@@ -38,6 +38,80 @@ def dechunk(data: bytes) -> tuple[bytes, bool]:
         data = after[size + 2 :]
 
 
+def chunked_end(data: bytes) -> tuple[bytes, int | None]:
+    """The payload of a chunked body at the front of ``data``, and where
+    the body ends (after its trailers), or None while it has not."""
+    body = b""
+    at = 0
+    while True:
+        end = data.find(b"\r\n", at)
+        if end < 0:
+            return body, None
+        size = int(data[at:end].split(b";")[0], 16)
+        at = end + 2
+        if size == 0:
+            trailers_end = data.find(b"\r\n\r\n", at - 2)
+            return body, None if trailers_end < 0 else trailers_end + 4
+        body += data[at : at + size]
+        if len(data) < at + size + 2:
+            return body, None
+        at += size + 2
+
+
+def read_response(
+    conn: Conn, method: bytes = b"GET", timeout: float = 10.0
+) -> tuple[Resp | None, str]:
+    """The next final response (interim ones are skipped) and how it
+    ended: "complete"; "cut" (the connection ended before the end its
+    framing announced; ``body`` holds what came); "eof" (ended before a
+    head); "timeout" (with what came of the response so far, if any)."""
+    deadline = time.monotonic() + timeout
+    resp: Resp | None = None
+
+    def fill() -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        conn.sock.settimeout(remaining)
+        conn._fill()
+
+    try:
+        while True:
+            while (parsed := parse_head(conn.buf)) is None:
+                if conn.eof:
+                    return None, "eof"
+                fill()
+            resp, conn.buf = parsed
+            if not 100 <= resp.status < 200:
+                break
+        if resp.status in (204, 304) or method == b"HEAD":
+            return resp, "complete"
+        chunked = (resp.header(b"transfer-encoding") or b"").lower() == b"chunked"
+        length = resp.header(b"content-length")
+        while True:
+            if chunked:
+                resp.body, end = chunked_end(conn.buf)
+                if end is not None:
+                    conn.buf = conn.buf[end:]
+                    return resp, "complete"
+            elif length is not None:
+                resp.body = conn.buf[: int(length)]
+                if len(conn.buf) >= int(length):
+                    conn.buf = conn.buf[int(length) :]
+                    return resp, "complete"
+            else:
+                resp.body = conn.buf
+            if conn.eof:
+                if chunked or length is not None:
+                    conn.buf = b""
+                    return resp, "cut"
+                conn.buf = b""
+                return resp, "complete"
+            fill()
+    except TimeoutError:
+        return resp, "timeout"
+
+
 class Conn:
     def __init__(
         self,
