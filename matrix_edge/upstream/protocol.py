@@ -62,6 +62,16 @@ def _well_formed(head: bytes, line_count: int) -> bool:
     )
 
 
+class _Malformed(Exception):
+    """Raised from a parser callback: a response the edge must not relay
+    (the upstream exchange fails with a 502)."""
+
+
+# RFC 9110 section 5.5: control characters other than HTAB do not belong
+# in a reason phrase either; llhttp lets them through.
+_CONTROL = frozenset(range(0x20)) - {0x09} | {0x7F}
+
+
 class _Stop(Exception):
     """Raised in a parser callback to stop llhttp where it is."""
 
@@ -207,6 +217,9 @@ class UpstreamConnection(Protocol):
         except httptools.HttpParserUpgrade:
             self._protocol_error("unexpected protocol switch")
             return
+        except _Malformed as e:
+            self._protocol_error(f"malformed response ({e})")
+            return
         except (_Stop, httptools.HttpParserError) as e:
             # A callback's exception reaches here wrapped, or not,
             # depending on the callback: _stopped tells them apart.
@@ -249,7 +262,9 @@ class UpstreamConnection(Protocol):
         raise _Stop()
 
     def on_status(self, phrase: bytes) -> None:
-        self._phrase = phrase
+        if not _CONTROL.isdisjoint(phrase):
+            raise _Malformed("control character in the reason phrase")
+        self._phrase += phrase
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._state == "head":
@@ -262,18 +277,25 @@ class UpstreamConnection(Protocol):
             # Interim responses (100 Continue, 103 Early Hints) are not
             # relayed: the client's own 100 came from the edge.
             self._headers = []
+            self._phrase = b""
             return
-        self._head_started = True
-        self._state = "body"
         headers = self._headers
         declared: int | None = None
-        chunked = False
+        codings = 0
         for name, value in headers:
             lower = name.lower()
             if lower == b"content-length":
                 declared = int(value)
             elif lower == b"transfer-encoding":
-                chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
+                # Only a single "chunked" can be relayed as the coding it
+                # is (the client gets its own chunked framing); anything
+                # else would reach the client as if it were the content.
+                codings += 1
+                if codings > 1 or value.strip().lower() != b"chunked":
+                    raise _Malformed("a transfer coding the edge cannot relay")
+        chunked = codings == 1
+        self._head_started = True
+        self._state = "body"
         head_only = self._method == b"HEAD"
         self._until_close = not (
             chunked or declared is not None or head_only or code in _NO_BODY_CODES

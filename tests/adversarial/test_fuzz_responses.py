@@ -79,9 +79,7 @@ STATUS_LINES = [
     (b"HTTX/1.1 %d OK", HOSTILE),
     (b"http/1.1 %d OK", HOSTILE),
     (b"HTTP/2 %d OK", HOSTILE),
-    # A NUL in the reason phrase is relayed as a 200 (see
-    # test_upstream_faults.py, test_nul_in_the_reason_phrase_is_a_502,
-    # xfail): left out of the grammar.
+    (b"HTTP/1.1 %d O\x00K", HOSTILE),
     (b"HTTP/1.1 -%d OK", HOSTILE),
     (b"HTTP/1.1 %d0 OK", HOSTILE),
     (b"garbage", HOSTILE),
@@ -136,9 +134,9 @@ CODINGS = [
     # Not chunked last: the body runs to the close (RFC 9112 section 6.3),
     # which h11 refuses to read.
     (b"identity", LENIENT),
-    # Other codings are relayed with the coding dropped (see
-    # test_upstream_faults.py, test_transfer_coding_the_edge_cannot_relay,
-    # xfail): left out of the grammar.
+    # Codings the edge cannot relay as they are meant: a 502.
+    (b"gzip, chunked", HOSTILE),
+    (b"chunked, chunked", HOSTILE),
 ]
 CHUNK_SIZES = [
     (b"%x", VALID),

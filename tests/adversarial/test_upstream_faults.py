@@ -457,12 +457,6 @@ async def test_a_flood_of_interim_responses_is_bounded(edge, tracebacks, count):
 # Transfer codings the edge cannot relay --------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a response Transfer-Encoding other than a single chunked is "
-    "relayed with the Transfer-Encoding dropped: the client reads coded "
-    "bytes as the content",
-)
 @pytest.mark.parametrize(
     "coding", [b"chunked, chunked", b"gzip, chunked", b"gzip", b"chunked, identity"]
 )
@@ -488,7 +482,6 @@ async def test_transfer_coding_the_edge_cannot_relay(edge, tracebacks, coding):
     assert_json_error(await deferToThread(run), 502)
 
 
-@pytest.mark.xfail(strict=True, reason="relayed as a 200: llhttp takes the NUL")
 @pytest_twisted.ensureDeferred
 async def test_nul_in_the_reason_phrase_is_a_502(edge, tracebacks):
     """RFC 9112 section 4: a reason phrase is HTAB, SP, VCHAR or obs-text;
