@@ -262,7 +262,6 @@ class HTTP11Connection(Protocol):
         self._lower.append(name.lower())
 
     def on_headers_complete(self) -> None:
-        self._state = _BODY
         self._head_received = 0
         site = self._site
         site.header_deadlines.stop(self)
@@ -276,6 +275,10 @@ class HTTP11Connection(Protocol):
         length = self._body_length(fields)
         if length != 0 and parser.should_upgrade():
             raise _Refused(errors.bad_request("An upgrade request cannot carry a body"))
+        # Only now is this head a request whose body follows: a head
+        # refused above, pipelined behind a request in flight, is answered
+        # after that request, not taken for a break in its body.
+        self._state = _BODY
         if not self._peer:
             # Known by now behind a PROXY protocol header too.
             self._peer = getattr(self._out.getPeer(), "host", "")

@@ -183,12 +183,6 @@ async def test_connection_removes_a_listed_end_to_end_field(edge):
 # Pipelining: a refusal keeps its place ----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a pipelined head refused at on_headers_complete is taken for a "
-    "broken body of the request in flight: that request, forwarded whole, "
-    "loses its answer to the 400",
-)
 @pytest.mark.parametrize(
     "refused",
     [
