@@ -223,9 +223,10 @@ class HTTP11Connection(Protocol):
         the last. An idle connection is not closed under a client that may
         be sending a request at this very moment; its idle timeout, or that
         last response, closes it."""
+        # Said in the head of that response (see send_head): a response
+        # whose head is already out goes on as announced, and the next one
+        # says close.
         self._retired = True
-        if self._request is not None and not self._queue:
-            self._keep_alive = False
 
     def idle_too_long(self) -> None:
         """No request for ``timeouts.client_idle``: the connection closes."""

@@ -150,3 +150,21 @@ def test_http2_is_retired_with_goaway():
     h.site.retire()
     [goaway] = [f for f in _frames(h.transport.value()) if isinstance(f, GoAwayFrame)]
     assert (goaway.last_stream_id, goaway.error_code) == (stream_id, 0)
+
+
+def test_a_response_already_under_way_when_retired_keeps_its_word():
+    """Its head went out without Connection: close, so the client will
+    send another request: that one is answered, with the close."""
+    h = make_harness()
+    h.send(GET)
+    h.connect_upstream()
+    h.upstream_says(OK[:-2])  # the head is out, the body not yet
+    h.site.retire()
+    h.upstream_says(OK[-2:])
+    assert b"Connection: close" not in h.response()
+    assert not h.client.disconnecting
+    h.send(GET)
+    h.upstream_says(OK)
+    second = h.response().split(b"HTTP/1.1 200 OK")[2]
+    assert b"\r\nConnection: close\r\n" in second
+    assert h.client.disconnecting
