@@ -1147,7 +1147,10 @@ class Soak:
     def attribute(self, record: Record) -> None:
         """Which fault, if any, an edge error or a lost request belongs to."""
         if record.outcome == "edge_error":
-            for fault in self.faults:
+            # Where windows overlap (a slow window's tail and a restart), the
+            # upstream being down explains a 502 before its being slow does.
+            order = {"kill": 0, "restart": 1, "slow": 2}
+            for fault in sorted(self.faults, key=lambda f: order[f.kind]):
                 start, end = fault.window()
                 if record.start <= end and record.end >= start:
                     record.cause = fault.kind
