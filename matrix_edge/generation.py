@@ -28,7 +28,6 @@ from matrix_edge.metrics.collector import Sources
 from matrix_edge.metrics.registry import ProcessMetrics
 from matrix_edge.pools.dispatch import Dispatcher, make_dispatcher
 from matrix_edge.server.accesslog_file import AccessLogFile
-from matrix_edge.server.router import LiveSettings
 from matrix_edge.server.site import EdgeSite
 from matrix_edge.server.tls import HTTPSOnlyFactory
 from matrix_edge.tls import ServerTLS, TLSConfigError
@@ -70,7 +69,6 @@ class Generation(MultiService):
             self.dispatcher = make_dispatcher(
                 config.workers, reactor, self.synapse, self._upstream_for
             )
-        self.live = LiveSettings(config.maintenance)
         self.access_file: AccessLogFile | None = None
         if config.access_log.enabled and config.access_log.path is not None:
             self.access_file = AccessLogFile(reactor, config.access_log.path)
@@ -94,11 +92,10 @@ class Generation(MultiService):
                 config,
                 self.synapse,
                 reactor,
-                self.live,
-                fallback,
-                self.access_file,
-                self.dispatcher,
-                counts.listener(listener.tag) if counts is not None else None,
+                fallback=fallback,
+                access_log_file=self.access_file,
+                dispatcher=self.dispatcher,
+                metrics=counts.listener(listener.tag) if counts is not None else None,
             )
             self.sites[i] = site
             self.factories[i] = site

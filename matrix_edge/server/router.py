@@ -14,7 +14,6 @@ from twisted.internet.defer import Deferred
 from matrix_edge import errors
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.listeners import ListenerConfig, ListenerType
-from matrix_edge.config.maintenance import MaintenanceConfig
 from matrix_edge.config.routes import MAIN
 from matrix_edge.errors import MatrixError
 from matrix_edge.metrics.registry import ListenerMetrics
@@ -87,13 +86,6 @@ class Forward:
 Decision = Local | Forward | MatrixError
 
 
-class LiveSettings:
-    """Settings that SIGHUP may change while running: today, maintenance."""
-
-    def __init__(self, maintenance: MaintenanceConfig):
-        self.maintenance = maintenance
-
-
 class Router:
     """The routing rules of one listener."""
 
@@ -101,7 +93,6 @@ class Router:
         self,
         listener: ListenerConfig,
         config: EdgeConfig,
-        live: LiveSettings,
         upstream: Upstream,
         fallback: Upstream | None,
         local_paths: frozenset[bytes],
@@ -111,7 +102,6 @@ class Router:
         self._listener = listener
         self._metrics = metrics
         self._config = config
-        self._live = live
         self._upstream = Lease(upstream, MAIN)
         self._fallback = Lease(fallback, "fallback") if fallback else None
         self._dispatcher = dispatcher
@@ -167,7 +157,7 @@ class Router:
                 )
             return errors.not_found()
 
-        maintenance = self._live.maintenance
+        maintenance = self._config.maintenance
         if maintenance.enabled:
             return errors.unavailable(maintenance.message, maintenance.retry_after)
         limit = (

@@ -25,7 +25,7 @@ from matrix_edge.server.h2 import H2ServerProtocol, H2Settings
 from matrix_edge.server.h2_handler import H2RequestHandler
 from matrix_edge.server.http1 import HTTP11Connection
 from matrix_edge.server.local import local_resources
-from matrix_edge.server.router import LiveSettings, Router
+from matrix_edge.server.router import Router
 from matrix_edge.upstream.client import Upstream
 
 
@@ -40,7 +40,6 @@ class EdgeSite(ServerFactory):
         config: EdgeConfig,
         upstream: Upstream,
         clock: IReactorTime,
-        live: LiveSettings | None = None,
         fallback: Upstream | None = None,
         access_log_file: AccessLogFile | None = None,
         dispatcher: Dispatcher | None = None,
@@ -65,13 +64,11 @@ class EdgeSite(ServerFactory):
             self.server_header = config.server_header.encode("ascii")
         self.upstream = upstream
         self.clock = clock
-        self.live = live or LiveSettings(config.maintenance)
         self.has_workers = dispatcher is not None
         self.metrics = metrics
         self.router = Router(
             listener,
             config,
-            self.live,
             upstream,
             fallback,
             frozenset(self.local),

@@ -14,7 +14,6 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 
-from matrix_edge.config.maintenance import MaintenanceConfig
 from matrix_edge.upstream.health import UpstreamWatch
 from tests.rawhttp import exchange
 
@@ -237,8 +236,10 @@ async def test_readiness_and_fail_fast(make_stack):
 
 @pytest_twisted.ensureDeferred
 async def test_maintenance_mode(make_stack):
-    stack = make_stack(well_known={"server": "hs.test:443"})
-    stack.site.live.maintenance = MaintenanceConfig(enabled=True, retry_after=120.0)
+    stack = make_stack(
+        well_known={"server": "hs.test:443"},
+        maintenance={"enabled": True, "retry_after": "120s"},
+    )
     response = await deferToThread(
         exchange, stack.port, _get(b"/_matrix/client/versions")
     )
@@ -250,7 +251,8 @@ async def test_maintenance_mode(make_stack):
         await deferToThread(exchange, stack.port, _get(b"/.well-known/matrix/server"))
     ).status == 200
     assert stack.upstream.requests == []
-    stack.site.live.maintenance = MaintenanceConfig(enabled=False)
+    # Off again, as a reload builds it.
+    stack = make_stack(well_known={"server": "hs.test:443"})
     response = await deferToThread(
         exchange, stack.port, _get(b"/_matrix/client/versions")
     )

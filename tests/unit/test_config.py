@@ -474,5 +474,5 @@ def test_sighup_applies_changes_and_names_what_waits_for_a_restart(tmp_path):
     assert applied == ["upstream, maintenance.enabled"]
     assert waiting == ["processes"]
     assert top.generation is not first
-    assert top.generation.live.maintenance.enabled
+    assert top.generation.config.maintenance.enabled
     assert str(top.generation.synapse.address.port) == "8009"
