@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -264,3 +265,15 @@ def _reason(error: OSError, port: int) -> str:
     if error.errno == errno.EACCES and port < 1024:
         reason += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
     return reason
+
+
+def bind_all(services: Sequence[ListenerService]) -> None:
+    """Bind every service's sockets, or none: on a L{ListenError} the ones
+    already bound are closed before it is raised."""
+    try:
+        for service in services:
+            service.bind()
+    except ListenError:
+        for service in services:
+            service.close()
+        raise

@@ -17,7 +17,7 @@ ones reloading (the first passes SIGHUP on to the others).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
@@ -26,7 +26,10 @@ from matrix_edge.config.changes import changed_keys
 from matrix_edge.config.edge import EdgeConfig, load_config
 from matrix_edge.config.listeners import ListenerType
 from matrix_edge.generation import Generation
-from matrix_edge.listening import ListenError, ListenerService, listener_key
+from matrix_edge.listening import ListenError, ListenerService, bind_all, listener_key
+
+if TYPE_CHECKING:
+    from matrix_edge.service import EdgeService
 
 log = Logger()
 
@@ -39,14 +42,14 @@ class Reloader:
 
     def __init__(
         self,
-        top: Any,
+        top: EdgeService,
         config_path: str,
         reactor: Any,
         reuse_port: bool,
         child: bool = False,
     ):
         """
-        @param top: the L{matrix_edge.service.EdgeService} to reload.
+        @param top: the service tree to reload.
         @param reuse_port: bind new listeners with SO_REUSEPORT (several
             processes each bind their own).
         @param child: this is one of the processes the first one started.
@@ -64,12 +67,10 @@ class Reloader:
         except ConfigError as e:
             log.error("Not reloading {path}: {error}", path=path, error=str(e))
             return False
-        running: EdgeConfig = self._top.config
-        changed = changed_keys(running, fresh)
+        changed = changed_keys(self._top.config, fresh)
         if not changed:
-            return bool(self._top.generation.reload_files())
-        for warning in fresh.warnings:
-            log.warn("{path}: {warning}", path=path, warning=str(warning))
+            return self._top.generation.reload_files()
+        log_warnings(path, fresh)
         try:
             self._apply(fresh)
         except (ConfigError, ListenError) as e:
@@ -130,13 +131,7 @@ class Reloader:
             for key, (i, listener, factory) in wanted.items()
             if key not in top.listeners
         ]
-        try:
-            for service in added:
-                service.bind()
-        except ListenError:
-            for service in added:
-                service.close()
-            raise
+        bind_all(added)
         # Nothing can fail from here on.
         for key in [k for k in top.listeners if k not in wanted]:
             top.remove_listener(key)
@@ -146,3 +141,9 @@ class Reloader:
         for service in added:
             top.add_listener(service)
         top.replace_generation(generation)
+
+
+def log_warnings(config_path: str, config: EdgeConfig) -> None:
+    """Log each doubtful value of ``config``, read from ``config_path``."""
+    for warning in config.warnings:
+        log.warn("{path}: {warning}", path=config_path, warning=str(warning))

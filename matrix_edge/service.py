@@ -18,11 +18,7 @@ from matrix_edge import twisted_private
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.listeners import ListenerConfig, ListenerType
 from matrix_edge.generation import Generation
-from matrix_edge.listening import (
-    ListenerKey,
-    ListenError,
-    ListenerService,
-)
+from matrix_edge.listening import ListenerKey, ListenerService, bind_all
 from matrix_edge.metrics.aggregate import Aggregator
 from matrix_edge.metrics.collector import EdgeCollector, Sources
 from matrix_edge.metrics.registry import ProcessMetrics
@@ -241,13 +237,7 @@ def make_service(
             else:
                 metrics_service.setServiceParent(top)
             binding.append(metrics_service)
-    try:
-        for listening in binding:
-            listening.bind()
-    except ListenError:
-        for listening in binding:
-            listening.close()
-        raise
+    bind_all(binding)
     return top
 
 
@@ -293,9 +283,3 @@ def metrics_services(
         for i, listener in enumerate(config.listeners)
         if listener.type is ListenerType.METRICS
     ]
-
-
-def log_warnings(config_path: str, config: EdgeConfig) -> None:
-    """Log each doubtful value of ``config``, read from ``config_path``."""
-    for warning in config.warnings:
-        log.warn("{path}: {warning}", path=config_path, warning=str(warning))

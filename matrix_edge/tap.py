@@ -217,12 +217,9 @@ def _run(reactor: Any, start: Any) -> Any:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from matrix_edge.service import (
-        ListenError,
-        freeze_startup_objects,
-        log_warnings,
-        make_service,
-    )
+    from matrix_edge.listening import ListenError
+    from matrix_edge.reload import log_warnings
+    from matrix_edge.service import freeze_startup_objects, make_service
 
     # Logged before logging begins: twistd replays them into its log.
     log_warnings(options["config"], options.edge_config)
