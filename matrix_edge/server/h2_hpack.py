@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import attrs
+from hpack.hpack import encode_integer as hpack_integer
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 
@@ -109,15 +110,8 @@ kept."""
 def encode_integer(value: int, prefix_bits: int, flags: int) -> bytes:
     """RFC 7541 section 5.1: ``value`` in a ``prefix_bits`` prefix whose
     first byte also carries ``flags``."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((flags | value,))
-    out = bytearray((flags | limit,))
-    value -= limit
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
+    out = hpack_integer(value, prefix_bits)
+    out[0] |= flags
     return bytes(out)
 
 
