@@ -13,10 +13,10 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
+from hypothesis import HealthCheck, settings
 from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.logger import globalLogPublisher
 
 from matrix_edge.config.edge import EdgeConfig, parse_config
 from matrix_edge.pools.dispatch import make_dispatcher
@@ -29,6 +29,21 @@ from tests.recording_upstream import (
     Recorded,
     RecordingUpstreamFactory,
     UpstreamProtocol,
+)
+
+# The fuzzers' settings: reproducible in CI (derandomized, no example
+# database), bounded, and patient with the examples that start edges.
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=False,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
 )
 
 Script = Callable[["ScriptedProtocol", Recorded, int], bool]
@@ -228,17 +243,3 @@ def module_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     made = Edge(tmp_path_factory.mktemp("edge"))
     yield made
     made.close()
-
-
-@pytest.fixture
-def tracebacks() -> Iterator[list[dict]]:
-    """Failures and errors logged while the test runs."""
-    failures: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_failure") is not None or event.get("isError"):
-            failures.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield failures
-    globalLogPublisher.removeObserver(observe)

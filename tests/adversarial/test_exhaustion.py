@@ -16,8 +16,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from tests.adversarial.wire import Conn, parse_head, read_response
-from tests.http1_messages import Resp, assert_json_error
+from tests.adversarial.wire import Conn, read_response
+from tests.http1_messages import Resp, assert_json_error, parse_head
 from tests.pki import make_pki
 from tests.processes import (
     free_port,
@@ -70,25 +70,7 @@ def test_junk_after_an_error_is_not_buffered(tmp_path: Path, tls: bool) -> None:
     """After its 400 the edge stops reading and closes: the client's
     writes stop being taken, the connection ends within a few seconds, and
     the edge's memory stays flat (the report measured +88 MB over TLS)."""
-    port = free_port()
-    listener: dict = {"port": port, "bind_addresses": ["127.0.0.1"]}
-    context = None
-    if tls:
-        pki = make_pki(tmp_path / "pki")
-        listener["tls"] = {
-            "certificate_path": str(pki.chain_path),
-            "private_key_path": str(pki.key_path),
-        }
-        context = ssl.create_default_context(cafile=str(pki.ca_cert_path))
-    config = write_config(
-        tmp_path / "edge.yaml",
-        {
-            "listeners": [listener],
-            "upstream": f"http://127.0.0.1:{free_port()}",
-            "upstream_check": {"enabled": False},
-        },
-    )
-    edge = start_edge(config, tmp_path / "edge.log", wait=("127.0.0.1", port))
+    port, context, edge, upstream = _edge_process(tmp_path, {}, tls)
     try:
         # A first TLS connection and answer, so that what they cost once is
         # in the baseline.
@@ -100,6 +82,7 @@ def test_junk_after_an_error_is_not_buffered(tmp_path: Path, tls: bool) -> None:
         after = memory_kib(edge.pid)
     finally:
         edge.stop()
+        upstream.stop()
     assert outcome["ended_by"] == "closed", outcome | {"answer": b"..."}
     assert outcome["seconds"] < 12, outcome["seconds"]
     growth = max(after["VmRSS"], after["VmHWM"]) - before

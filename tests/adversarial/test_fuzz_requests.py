@@ -32,27 +32,15 @@ import attrs
 import h11
 import pytest
 import pytest_twisted
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 from twisted.internet.threads import deferToThread
 
+from tests.adversarial.conftest import FUZZ
 from tests.adversarial.test_upstream_faults import pause, until
 from tests.adversarial.wire import Conn, read_response
 from tests.http1_messages import Resp
 from tests.recording_upstream import Recorded
-
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    print_blob=False,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.large_base_example,
-    ],
-)
 
 NONCE = b"@@NONCE@@"
 """Replaced in every request by the example's own number (``X-Fuzz``), so

@@ -32,27 +32,14 @@ import attrs
 import h11
 import pytest
 import pytest_twisted
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-from tests.adversarial.conftest import ScriptedProtocol, ScriptedUpstream
+from tests.adversarial.conftest import FUZZ, ScriptedProtocol, ScriptedUpstream
 from tests.adversarial.wire import Conn, read_response
 from tests.recording_upstream import Recorded
-
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    print_blob=False,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.large_base_example,
-    ],
-)
 
 ANSWER = 10.0
 STRAY = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nSTRAY"

@@ -8,18 +8,7 @@ import socket
 import ssl
 import time
 
-from tests.http1_messages import Resp
-
-
-def parse_head(buf: bytes) -> tuple[Resp, bytes] | None:
-    """A response head from the front of ``buf`` and what follows it."""
-    head, sep, rest = buf.partition(b"\r\n\r\n")
-    if not sep:
-        return None
-    status_line, *lines = head.split(b"\r\n")
-    version, code, _ = (status_line + b" ").split(b" ", 2)
-    headers = [tuple(x.strip() for x in line.split(b":", 1)) for line in lines]
-    return Resp(version, int(code), headers, b""), rest  # type: ignore[arg-type]
+from tests.http1_messages import Resp, parse_head
 
 
 def dechunk(data: bytes) -> tuple[bytes, bool]:

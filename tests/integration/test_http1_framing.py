@@ -17,13 +17,13 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
 
 from tests.http1_messages import (
     VERSIONS,
     Resp,
     assert_json_error,
     get,
+    parse_head,
     post,
     post_chunked,
 )
@@ -36,13 +36,10 @@ def sha(data: bytes) -> str:
 
 def _parse(buf: bytes, method: bytes, eof: bool) -> tuple[Resp, bytes] | None:
     """One response from the front of ``buf``; None while incomplete."""
-    head, sep, rest = buf.partition(b"\r\n\r\n")
-    if not sep:
+    parsed = parse_head(buf)
+    if parsed is None:
         return None
-    status_line, *lines = head.split(b"\r\n")
-    version, code, _ = (status_line + b" ").split(b" ", 2)
-    headers = [tuple(x.strip() for x in line.split(b":", 1)) for line in lines]
-    resp = Resp(version, int(code), headers, b"")  # type: ignore[arg-type]
+    resp, rest = parsed
     if resp.status < 200 or resp.status in (204, 304) or method == b"HEAD":
         return resp, rest
     if (resp.header(b"transfer-encoding") or b"").lower() == b"chunked":
@@ -151,20 +148,6 @@ def pipeline(port: int, raw: bytes, count: int, **kwargs) -> tuple[list[Resp], b
 async def settle() -> None:
     """Let the edge and upstream finish what is in flight."""
     await deferLater(reactor, 0.05, lambda: None)
-
-
-@pytest.fixture
-def tracebacks():
-    """Logged failures while the test runs."""
-    failures: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_failure") is not None or event.get("isError"):
-            failures.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield failures
-    globalLogPublisher.removeObserver(observe)
 
 
 # Pipelining -------------------------------------------------------------------
