@@ -19,6 +19,8 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
+from matrix_edge.acme.challenges import TLSALPNResponder
+from matrix_edge.acme.store import AcmeStore, StateDirectoryError
 from matrix_edge.config._base import ConfigError
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.listeners import ListenerType
@@ -52,16 +54,27 @@ class Generation(MultiService):
     """The sites, upstreams and files built from one configuration.
 
     Raises L{ConfigError} for what only loading files shows (certificates
-    that do not parse, keys that do not match).
+    that do not parse, keys that do not match). With C{prepare_acme} (the
+    first process), placeholders are put in the ACME state directory for
+    names with no certificate yet; the other processes load what it put
+    there.
     """
 
     def __init__(
-        self, config: EdgeConfig, reactor: Any, counts: ProcessMetrics | None = None
+        self,
+        config: EdgeConfig,
+        reactor: Any,
+        counts: ProcessMetrics | None = None,
+        prepare_acme: bool = True,
     ):
         super().__init__()
         self.config = config
         self._reactor = reactor
-        self.tls = load_tls(config)
+        self.tls = load_tls(config, prepare_acme)
+        acme_tls = None
+        if config.acme is not None:
+            # Every TLS listener answers tls-alpn-01: the CA picks the port.
+            acme_tls = TLSALPNResponder(AcmeStore(config.acme.state_directory))
         self._upstreams: dict[UpstreamAddress, Upstream] = {}
         self.synapse = self._upstream_for(config.upstream)
         self.dispatcher: Dispatcher | None = None
@@ -100,7 +113,9 @@ class Generation(MultiService):
             self.sites[i] = site
             self.factories[i] = site
             if i in self.tls:
-                https = HTTPSOnlyFactory(self.tls[i], site, reactor, site.server_header)
+                https = HTTPSOnlyFactory(
+                    self.tls[i], site, reactor, site.server_header, acme=acme_tls
+                )
                 self.factories[i] = https
                 self._https.append((listener.tag, https))
 
@@ -169,19 +184,39 @@ def _all(waiting: list[Deferred[None]]) -> Deferred[None]:
     return gatherResults(waiting).addCallback(lambda _: None)
 
 
-def load_tls(config: EdgeConfig) -> dict[int, ServerTLS]:
+def load_tls(config: EdgeConfig, prepare_acme: bool = True) -> dict[int, ServerTLS]:
     """The TLS context of each TLS listener, by listener index; listeners
-    with the same certificates and protocols share one. Load errors become
-    L{ConfigError}s that name the listener's key, down to the failing entry
-    of ``certificates`` when several are given."""
+    with the same certificates and protocols share one. ACME names come
+    first, from the state directory (placeholders until the CA has issued,
+    made here with C{prepare_acme}). Load errors become L{ConfigError}s that
+    name the listener's key, down to the failing entry of ``certificates``
+    or ``acme`` when several are given."""
+    store = _acme_store(config, prepare_acme)
     shared: dict[tuple[tuple[tuple[str, str], ...], tuple[bytes, ...]], ServerTLS] = {}
     out: dict[int, ServerTLS] = {}
     for i, listener in enumerate(config.listeners):
         if listener.tls is None:
             continue
-        files = tuple(
+        names = listener.tls.acme_domains or ()
+        from_acme = []
+        for name in names:
+            assert store is not None
+            if prepare_acme:
+                try:
+                    store.ensure_servable(name)
+                except OSError as e:
+                    raise ConfigError(
+                        ("acme", "state_directory"),
+                        f"cannot write a placeholder certificate for {name}: {e}",
+                    ) from e
+            elif store.certificate(name) is None:
+                continue  # --check-config before the first start.
+            from_acme.append(store.certificate_files(name))
+        files = tuple(from_acme) + tuple(
             (c.certificate_path, c.private_key_path) for c in listener.tls.certificates
         )
+        if not files:
+            continue
         key = (files, listener.alpn_protocols)
         if key not in shared:
             try:
@@ -190,11 +225,27 @@ def load_tls(config: EdgeConfig) -> dict[int, ServerTLS]:
                 )
             except TLSConfigError as e:
                 path: tuple[str | int, ...] = ("listeners", i, "tls")
-                if len(files) > 1 and e.certificate_index is not None:
-                    path = (*path, "certificates", e.certificate_index)
+                index = e.certificate_index
+                acme_count = len(from_acme)
+                if index is not None and index < acme_count:
+                    path = (*path, "acme") + ((index,) if len(names) > 1 else ())
+                elif index is not None and len(listener.tls.certificates) > 1:
+                    path = (*path, "certificates", index - acme_count)
                 raise ConfigError(path, str(e)) from e
         out[i] = shared[key]
     return out
+
+
+def _acme_store(config: EdgeConfig, prepare: bool) -> AcmeStore | None:
+    if config.acme is None:
+        return None
+    store = AcmeStore(config.acme.state_directory)
+    if prepare:
+        try:
+            store.prepare()
+        except StateDirectoryError as e:
+            raise ConfigError(("acme", "state_directory"), str(e)) from e
+    return store
 
 
 def upstream_members(

@@ -69,7 +69,10 @@ class Reloader:
             return False
         changed = changed_keys(self._top.config, fresh)
         if not changed:
-            return self._top.generation.reload_files()
+            loaded = self._top.generation.reload_files()
+            if self._top.acme is not None:
+                self._top.acme.apply(fresh)
+            return loaded
         log_warnings(path, fresh)
         try:
             self._apply(fresh)
@@ -94,7 +97,9 @@ class Reloader:
 
     def _apply(self, fresh: EdgeConfig) -> None:
         top = self._top
-        generation = Generation(fresh, self._reactor, top.counts)
+        generation = Generation(
+            fresh, self._reactor, top.counts, prepare_acme=not self._child
+        )
         metrics_factory = next(
             (
                 s.factory
@@ -141,6 +146,8 @@ class Reloader:
         for service in added:
             top.add_listener(service)
         top.replace_generation(generation)
+        if top.acme is not None:
+            top.acme.apply(fresh)
 
 
 def log_warnings(config_path: str, config: EdgeConfig) -> None:

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 
 from matrix_edge import twisted_private
+from matrix_edge.acme.service import AcmeService
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.listeners import ListenerConfig, ListenerType
 from matrix_edge.generation import Generation
@@ -53,6 +54,8 @@ class EdgeService(MultiService):
         """Stopped at once, with the listeners: the child processes."""
         self.counts: ProcessMetrics | None = None
         self.sources: Sources | None = None
+        self.acme: AcmeService | None = None
+        """Certificates from the ACME CA (first process only)."""
 
     @property
     def config(self) -> EdgeConfig:
@@ -172,7 +175,9 @@ def make_service(
     ``metrics_fd``.
     """
     counts = ProcessMetrics(reactor) if metrics_enabled(config) else None
-    top = EdgeService(reactor, Generation(config, reactor, counts))
+    top = EdgeService(
+        reactor, Generation(config, reactor, counts, prepare_acme=inherited is None)
+    )
     top.counts = counts
     generation = top.generation
     reuse_port = config.processes > 1
@@ -225,6 +230,13 @@ def make_service(
         reloader.add_callback(supervisor.reload)
 
     binding = list(top.listeners.values())
+    if inherited is None:
+        # A new certificate is put in service as SIGHUP would: in this
+        # process, then in the others.
+        top.acme = AcmeService(reactor, config, on_issued=reloader.reload_all)
+        top.acme.setServiceParent(top)
+        if top.acme.http01 is not None:
+            binding.append(top.acme.http01)
     if counts is not None:
         sources = top.sources = Sources(process, counts)
         generation.describe_to(sources)

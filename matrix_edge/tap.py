@@ -1,8 +1,8 @@
 """twistd's view of matrix-edge: its command-line options and makeService.
 
 Besides serving, ``twistd matrix-edge`` has commands for operators that
-print and exit: ``route`` and ``routes`` (the worker routing dry run) and
-``migrate-workers``.
+print and exit: ``route`` and ``routes`` (the worker routing dry run),
+``migrate-workers`` and ``revoke`` (an ACME certificate).
 """
 
 from __future__ import annotations
@@ -83,8 +83,30 @@ class MigrateOptions(usage.Options):
         self["workers"] = workers
 
 
+class RevokeOptions(usage.Options):
+    synopsis = "[--reason REASON] NAME"
+    longdesc = (
+        "Revoke the certificate the ACME CA issued for NAME, with the edge's "
+        "own account, and store a placeholder in its place; the next SIGHUP "
+        "serves it and orders a new certificate."
+    )
+    optParameters = [
+        [
+            "reason",
+            None,
+            "unspecified",
+            "unspecified, keyCompromise, superseded or cessationOfOperation.",
+        ],
+    ]
+
+    def parseArgs(self, name: str) -> None:  # type: ignore[override]
+        self["name"] = name
+
+
 class Options(usage.Options):
-    synopsis = "[options] [route METHOD URL | routes | migrate-workers FILES]"
+    synopsis = (
+        "[options] [route METHOD URL | routes | migrate-workers FILES | revoke NAME]"
+    )
     longdesc = (
         "matrix-edge: a reverse proxy for Synapse that forwards Matrix "
         "traffic byte for byte. Reloads certificates on SIGHUP."
@@ -113,6 +135,7 @@ class Options(usage.Options):
             MigrateOptions,
             "Print the pools of a Synapse worker deployment and exit.",
         ],
+        ["revoke", None, RevokeOptions, "Revoke an ACME certificate and exit."],
     ]
 
     edge_config: EdgeConfig
@@ -136,16 +159,22 @@ class Options(usage.Options):
                 # Certificates are only known good once they have loaded.
                 from matrix_edge.generation import load_tls
 
-                load_tls(self.edge_config)
+                load_tls(self.edge_config, prepare_acme=False)
         except ConfigError as e:
             raise SystemExit(config_error_message(self["config"], e)) from None
         if self["check-config"]:
             for warning in self.edge_config.warnings:
                 print(config_warning_message(self["config"], warning), file=sys.stderr)
+            if self.edge_config.acme is not None:
+                from matrix_edge.acme.plan import describe_plan
+
+                sys.stdout.write(describe_plan(self.edge_config))
             print(f"{self['config']}: configuration OK")
             raise SystemExit(0)
         if self.subCommand in ("route", "routes"):
             _dry_run(self.edge_config, self.subCommand, self.subOptions)
+        if self.subCommand == "revoke":
+            _revoke(self.edge_config, self.subOptions)
         if self.parent is not None:
             # twistd reads its options for the log observer after ours are
             # parsed: `log_level` filters whatever observer it sets up.
@@ -161,6 +190,17 @@ def _migrate(options: Any) -> None:
         text = migrate_workers(options["homeserver"], options["workers"])
     except MigrationError as e:
         raise SystemExit(f"matrix-edge: {e}") from None
+    sys.stdout.write(text)
+    raise SystemExit(0)
+
+
+def _revoke(config: EdgeConfig, options: Any) -> None:
+    from matrix_edge.commands.revoke import RevokeError, revoke
+
+    try:
+        text = revoke(config, options["name"], options["reason"])
+    except RevokeError as e:
+        raise SystemExit(f"matrix-edge: cannot revoke {options['name']}: {e}") from None
     sys.stdout.write(text)
     raise SystemExit(0)
 

@@ -460,6 +460,10 @@ class ServerTLS:
             for c in self._current.certificates
         ]
 
+    def served(self) -> list[tuple[str, x509.Certificate]]:
+        """Each certificate file served now, with its server certificate."""
+        return [(c.chain_path, c.leaf) for c in self._current.certificates]
+
     def certificate_for(self, server_name: str | None) -> x509.Certificate:
         """The server certificate a client sending C{server_name} (SNI)
         gets."""
@@ -635,7 +639,7 @@ def generate_self_signed(
         )
         .sign(key, hashes.SHA256())
     )
-    _write_atomically(
+    write_atomically(
         Path(private_key_path),
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -644,14 +648,14 @@ def generate_self_signed(
         ),
         0o600,
     )
-    _write_atomically(
+    write_atomically(
         Path(certificate_path),
         certificate.public_bytes(serialization.Encoding.PEM),
         0o644,
     )
 
 
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # mkstemp creates the file 0600, so the key is never readable by others.
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

@@ -4,6 +4,7 @@ default that ``--generate-config`` writes."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from importlib import resources
 
 import attrs
@@ -14,12 +15,15 @@ from matrix_edge.config._base import (
     ConfigWarning,
     KeyPath,
     collecting_warnings,
+    fail,
     parse_size,
     read_int,
     read_mapping,
     read_str,
+    warn,
 )
 from matrix_edge.config.access_log import AccessLogConfig, parse_access_log
+from matrix_edge.config.acme import AcmeConfig, parse_acme
 from matrix_edge.config.listeners import ListenerConfig, parse_listeners
 from matrix_edge.config.log_level import LogLevelSetting, parse_log_level
 from matrix_edge.config.maintenance import MaintenanceConfig, parse_maintenance
@@ -73,6 +77,9 @@ class EdgeConfig:
     well_known: WellKnownConfig = attrs.field(factory=WellKnownConfig)
     maintenance: MaintenanceConfig = attrs.field(factory=MaintenanceConfig)
     workers: WorkersConfig = attrs.field(factory=WorkersConfig)
+    acme: AcmeConfig | None = None
+    """Where ACME certificates come from, when any listener has them."""
+
     warnings: tuple[ConfigWarning, ...] = attrs.field(default=(), eq=False, repr=False)
     """Values that are valid but doubtful, for start-up and
     ``--check-config`` to show. Not part of the configuration itself: two
@@ -96,6 +103,7 @@ _TOP_KEYS = (
     "well_known",
     "maintenance",
     "workers",
+    "acme",
 )
 
 
@@ -112,12 +120,16 @@ def _parse_config(value: object, path: KeyPath) -> EdgeConfig:
     for required in ("listeners", "upstream"):
         if required not in data:
             raise ConfigError((*path, required), "required")
+    acme = parse_acme(data.get("acme"), (*path, "acme"))
+    listeners = _with_acme_domains(
+        parse_listeners(data["listeners"], (*path, "listeners")), acme, path
+    )
     max_upload_size = parse_size(
         data.get("max_upload_size", DEFAULT_MAX_UPLOAD_SIZE),
         (*path, "max_upload_size"),
     )
     return EdgeConfig(
-        listeners=parse_listeners(data["listeners"], (*path, "listeners")),
+        listeners=listeners,
         upstream=parse_upstream(data["upstream"], (*path, "upstream")),
         upstream_pool=parse_upstream_pool(
             data.get("upstream_pool"), (*path, "upstream_pool")
@@ -150,7 +162,55 @@ def _parse_config(value: object, path: KeyPath) -> EdgeConfig:
         well_known=parse_well_known(data.get("well_known"), (*path, "well_known")),
         maintenance=parse_maintenance(data.get("maintenance"), (*path, "maintenance")),
         workers=parse_workers(data.get("workers"), (*path, "workers")),
+        acme=acme,
     )
+
+
+def _with_acme_domains(
+    listeners: tuple[ListenerConfig, ...], acme: AcmeConfig | None, path: KeyPath
+) -> tuple[ListenerConfig, ...]:
+    """Give ``tls: {acme: true}`` listeners the ``acme`` section's domains,
+    and check that ACME listeners have a section to get them from."""
+    resolved = []
+    for i, listener in enumerate(listeners):
+        tls = listener.tls
+        if tls is None or tls.acme_domains is None:
+            resolved.append(listener)
+            continue
+        key = (*path, "listeners", i, "tls", "acme")
+        if acme is None:
+            fail(key, "needs the top-level `acme` section (contact, directory, ...)")
+        if not tls.acme_domains:
+            if not acme.domains:
+                fail(key, "`true` takes the names in `acme.domains`, which has none")
+            tls = attrs.evolve(tls, acme_domains=acme.domains)
+        resolved.append(attrs.evolve(listener, tls=tls))
+    if acme is not None and acme.http01_port is not None:
+        _check_http01_port(acme, resolved, path)
+    if acme is not None and not any(
+        listener.tls is not None and listener.tls.acme_domains for listener in resolved
+    ):
+        warn(
+            (*path, "acme"),
+            "no listener has `tls: {acme: ...}`, so no certificate is requested",
+        )
+    return tuple(resolved)
+
+
+def _check_http01_port(
+    acme: AcmeConfig, listeners: Sequence[ListenerConfig], path: KeyPath
+) -> None:
+    wildcards = {"::", "0.0.0.0"}
+    ours = set(acme.http01_bind_addresses)
+    for i, listener in enumerate(listeners):
+        theirs = set(listener.bind_addresses)
+        if listener.port == acme.http01_port and (
+            ours & theirs or (ours | theirs) & wildcards
+        ):
+            fail(
+                (*path, "acme", "http01_port"),
+                f"port {acme.http01_port} is already used by listeners[{i}]",
+            )
 
 
 _TOKEN = re.compile(r"\A[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")

@@ -18,6 +18,7 @@ from matrix_edge.config._base import (
     read_sequence,
     read_str,
 )
+from matrix_edge.config.domains import parse_domain
 from matrix_edge.config.files import unreadable_reason
 from matrix_edge.config.proxies import IPNetwork, parse_networks
 from matrix_edge.config.upstream import UpstreamAddress, parse_upstream
@@ -51,8 +52,14 @@ class CertificateFiles:
 @attrs.frozen
 class TLSConfig:
     certificates: tuple[CertificateFiles, ...]
-    """One or more certificates, chosen by the name the client asks for
-    (SNI); the first one serves clients that ask for none of them."""
+    """Certificate files, chosen by the name the client asks for (SNI)
+    after the ACME certificates; the first certificate of all serves
+    clients that ask for none of them."""
+
+    acme_domains: tuple[str, ...] | None = None
+    """Names with a certificate of their own from the ACME CA (the
+    ``acme`` section), served before the files; None for none. ``()``
+    only while parsing: ``acme: true``, the section's domains."""
 
     @property
     def certificate_path(self) -> str:
@@ -154,7 +161,7 @@ def parse_listener(value: object, path: KeyPath) -> ListenerConfig:
     if listener_type is ListenerType.METRICS:
         return _parse_metrics_listener(data, path, port)
 
-    bind_addresses = _parse_bind_addresses(data, path, DEFAULT_BIND_ADDRESSES)
+    bind_addresses = parse_bind_addresses(data, path, DEFAULT_BIND_ADDRESSES)
 
     tls = None
     if data.get("tls") is not None:
@@ -189,13 +196,17 @@ def parse_listener(value: object, path: KeyPath) -> ListenerConfig:
     )
 
 
-def _parse_bind_addresses(
-    data: Mapping[str, Any], path: KeyPath, default: tuple[str, ...]
+def parse_bind_addresses(
+    data: Mapping[str, Any],
+    path: KeyPath,
+    default: tuple[str, ...],
+    key: str = "bind_addresses",
 ) -> tuple[str, ...]:
-    if "bind_addresses" not in data:
+    """The IP addresses under ``key`` of the mapping at ``path``."""
+    if key not in data:
         return default
-    bind_path = (*path, "bind_addresses")
-    raw = read_sequence(data["bind_addresses"], bind_path)
+    bind_path = (*path, key)
+    raw = read_sequence(data[key], bind_path)
     if not raw:
         fail(bind_path, "at least one address is required")
     return tuple(_read_ip(item, (*bind_path, i)) for i, item in enumerate(raw))
@@ -222,7 +233,7 @@ def _parse_metrics_listener(
     return ListenerConfig(
         port=port,
         type=ListenerType.METRICS,
-        bind_addresses=_parse_bind_addresses(data, path, METRICS_BIND_ADDRESSES),
+        bind_addresses=parse_bind_addresses(data, path, METRICS_BIND_ADDRESSES),
         tag=tag,
         http2=False,
     )
@@ -230,10 +241,16 @@ def _parse_metrics_listener(
 
 def parse_tls(value: object, path: KeyPath) -> TLSConfig:
     """``tls`` holds one certificate, or ``certificates``: a list of them
-    for SNI."""
+    for SNI, and/or ``acme``: ``true`` for the certificates of the ``acme``
+    section's domains, or a list of names."""
     if value is False:
         fail(path, "omit the key for a plain HTTP listener")
-    data = read_mapping(value, path, (*_CERTIFICATE_KEYS, "certificates"))
+    data = read_mapping(value, path, (*_CERTIFICATE_KEYS, "certificates", "acme"))
+    acme_domains = _parse_acme_names(data.get("acme"), (*path, "acme"))
+    if acme_domains is not None and not any(
+        key in data for key in (*_CERTIFICATE_KEYS, "certificates")
+    ):
+        return TLSConfig(certificates=(), acme_domains=acme_domains)
     if "certificates" in data:
         if any(key in data for key in _CERTIFICATE_KEYS):
             fail(path, "give either `certificates` or one certificate, not both")
@@ -245,8 +262,27 @@ def parse_tls(value: object, path: KeyPath) -> TLSConfig:
             for i, item in enumerate(items)
         )
     else:
-        certificates = (_parse_certificate(data, path),)
-    return TLSConfig(certificates=certificates)
+        certificates = (
+            _parse_certificate(
+                {k: v for k, v in data.items() if k in _CERTIFICATE_KEYS}, path
+            ),
+        )
+    return TLSConfig(certificates=certificates, acme_domains=acme_domains)
+
+
+def _parse_acme_names(value: object, path: KeyPath) -> tuple[str, ...] | None:
+    """``acme: true`` (the section's domains, as ``()``), a list of names, or
+    nothing."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return ()
+    items = read_sequence(value, path)
+    if not items:
+        fail(path, "expected true or a list of names, got an empty list")
+    return tuple(
+        dict.fromkeys(parse_domain(item, (*path, i)) for i, item in enumerate(items))
+    )
 
 
 def _parse_certificate(value: object, path: KeyPath) -> CertificateFiles:

@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from matrix_edge.acme.challenges import ACME_TLS_1_BYTES, TLSALPNResponder
 from matrix_edge.errors import MatrixError, closing_response
 from matrix_edge.tls import ServerTLS
 from matrix_edge.twisted_private import write_eagerly
@@ -92,6 +93,8 @@ class TLSServerConnection(Protocol):
         None once it is."""
         self._drained = 0
         self._drain_timer: Any = None
+        self._validation = False
+        """An ACME tls-alpn-01 validation: a handshake, then the end."""
         # Shadows dataReceived until the first bytes have been looked at.
         self.dataReceived = self._first_bytes  # type: ignore[method-assign]
 
@@ -110,6 +113,11 @@ class TLSServerConnection(Protocol):
             return
         if not _starts_plain_http(data[0]):
             del self.dataReceived  # TLS from now on, without this check.
+            acme = self.factory.acme
+            if acme is not None and ACME_TLS_1_BYTES in data:
+                # The CA validating a tls-alpn-01 challenge, not a client.
+                self._validation = True
+                self._tls = acme.server_side(self._incoming, self._outgoing)
             self.dataReceived(data)
             return
         self.dataReceived = self._drop  # type: ignore[method-assign]
@@ -130,6 +138,10 @@ class TLSServerConnection(Protocol):
                 self._failed(e)
                 return
             self._handshake_done(tls)
+            if self._validation:
+                # Nothing follows the handshake of a validation (RFC 8737).
+                self.loseConnection()
+                return
         wrapped = self.wrapped
         while True:
             try:
@@ -312,13 +324,17 @@ class HTTPSOnlyFactory(Factory):
         wrapped: IProtocolFactory,
         clock: IReactorTime,
         server_header: bytes | None = None,
+        acme: TLSALPNResponder | None = None,
     ):
         """
         @param tls: the listener's certificates and TLS settings.
         @param wrapped: the factory of what runs over TLS (the site).
         @param server_header: the Server header of the 400, or None.
+        @param acme: answers the CA's tls-alpn-01 validations, when the
+            edge gets certificates from an ACME CA.
         """
         self.tls = tls
+        self.acme = acme
         self.wrapped = wrapped
         self.answer = closing_response(PLAIN_HTTP, server_header)
         self.clock = clock

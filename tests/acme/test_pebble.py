@@ -1,0 +1,346 @@
+"""The edge's own ACME client against a real ACME server: Debian's Pebble,
+Let's Encrypt's test CA, on loopback (see tests/acme/pebble.py).
+
+Each test runs matrix-edge as operators do (``twistd matrix-edge``) with a
+``tls: {acme: [edge.test]}`` listener; Pebble's validation authority
+connects back to it, so tls-alpn-01 (or http-01) is answered by the edge
+itself. Pebble resolves every name to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from tests import processes
+from tests.acme.pebble import Pebble, ensure_pebble, running_pebble
+
+NAME = "edge.test"
+ISSUED = f"Certificate for {NAME} issued"
+
+
+@pytest.fixture(scope="module")
+def pebble_found() -> None:
+    found, reason = ensure_pebble()
+    if found is None:
+        pytest.skip(reason)
+
+
+class Setup:
+    """A Pebble, an upstream and an edge configured for ACME, started on
+    demand and stopped at the end."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.port = processes.free_port()
+        self.http_port = processes.free_port()
+        self.upstream_port = processes.free_port()
+        self.state = tmp_path / "state"
+        self.pebble: Pebble | None = None
+        self.edge: processes.Process | None = None
+        self._stops: list[Callable[[], None]] = []
+        self.config_path = tmp_path / "edge.yaml"
+
+    def start_pebble(self, **options: Any) -> Pebble:
+        options.setdefault("tls_port", self.port)
+        options.setdefault("http_port", self.http_port)
+        manager = running_pebble(self.tmp_path / "pebble", **options)
+        (self.tmp_path / "pebble").mkdir(exist_ok=True)
+        self.pebble = manager.__enter__()
+        self._stops.append(lambda: manager.__exit__(None, None, None))
+        upstream = processes.start_upstream(
+            self.upstream_port, self.tmp_path / "upstream.log"
+        )
+        self._stops.append(upstream.stop)
+        return self.pebble
+
+    def write_config(self, **acme: Any) -> Path:
+        assert self.pebble is not None
+        return processes.write_config(
+            self.config_path,
+            {
+                "upstream": f"http://127.0.0.1:{self.upstream_port}",
+                "listeners": [
+                    {
+                        "port": self.port,
+                        "bind_addresses": ["127.0.0.1"],
+                        "type": "client",
+                        "tls": {"acme": [NAME]},
+                    }
+                ],
+                "acme": {
+                    "directory": self.pebble.directory_url,
+                    "ca_bundle": str(self.pebble.ca_bundle),
+                    "state_directory": str(self.state),
+                    "contact": "admin@edge.test",
+                    **acme,
+                },
+            },
+        )
+
+    def start_edge(self, log_name: str = "edge.log") -> processes.Process:
+        if not self.config_path.exists():
+            self.write_config()
+        self.edge = processes.start_edge(
+            self.config_path,
+            self.tmp_path / log_name,
+            wait=("127.0.0.1", self.port),
+        )
+        self._stops.append(self.edge.stop)
+        return self.edge
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 60.0) -> str:
+        assert self.edge is not None
+        edge = self.edge
+        try:
+            processes.wait_until(lambda: edge.log().count(text) >= count, timeout)
+        except AssertionError:
+            raise AssertionError(
+                f"{text!r} not logged {count} time(s):\n{edge.log()[-5000:]}"
+            ) from None
+        return edge.log()
+
+    def trusted_context(self) -> ssl.SSLContext:
+        """A client trusting Pebble's issuing root, as browsers trust
+        Let's Encrypt's."""
+        assert self.pebble is not None
+        roots = self.tmp_path / "pebble-roots.pem"
+        roots.write_bytes(self.pebble.issuing_roots_pem())
+        return ssl.create_default_context(cafile=str(roots))
+
+    def stop(self) -> None:
+        while self._stops:
+            self._stops.pop()()
+
+
+@pytest.fixture
+def setup(tmp_path: Path, pebble_found: None) -> Iterator[Setup]:
+    s = Setup(tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def connect(port: int, context: ssl.SSLContext) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return context.wrap_socket(raw, server_hostname=NAME)
+
+
+def served(sock: ssl.SSLSocket) -> x509.Certificate:
+    der = sock.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def get_versions(sock: ssl.SSLSocket) -> bytes:
+    """One keep-alive request; the response head."""
+    sock.sendall(
+        b"GET /_matrix/client/versions HTTP/1.1\r\nHost: " + NAME.encode() + b"\r\n\r\n"
+    )
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
+def untrusted_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def test_issued_on_first_start_and_served_with_the_chain(setup: Setup) -> None:
+    """No certificate at start: a placeholder serves while tls-alpn-01 is
+    answered on the listener itself; the issued certificate then verifies
+    against the CA's root for the name, with the state kept private."""
+    setup.start_pebble()
+    setup.start_edge()
+    log = setup.wait_for_log(ISSUED)
+    assert f"Requesting the certificate for {NAME}" in log
+    assert f"Answered tls-alpn-01 validation for {NAME}" in log
+    assert "registered at" in log
+
+    with connect(setup.port, setup.trusted_context()) as sock:
+        certificate = served(sock)
+        assert get_versions(sock).startswith(b"HTTP/1.1 200")
+    names = certificate.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    ).value.get_values_for_type(x509.DNSName)
+    assert names == [NAME]
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    assert mode(setup.state) == 0o700
+    assert mode(setup.state / "certificates" / NAME / "privkey.pem") == 0o600
+    (account,) = (setup.state / "accounts").iterdir()
+    assert mode(account / "key.pem") == 0o600
+    # The challenge answer is gone once the order is through.
+    assert list((setup.state / "challenges" / "tls-alpn-01").iterdir()) == []
+
+
+def test_restart_reuses_certificate_and_account(setup: Setup) -> None:
+    """A restart serves the stored certificate without asking the CA; a
+    later order goes out under the account registered the first time."""
+    setup.start_pebble()
+    edge = setup.start_edge()
+    log = setup.wait_for_log(ISSUED)
+    account_uri = log.split("ACME account ", 1)[1].split(" ", 1)[0]
+    with connect(setup.port, setup.trusted_context()) as sock:
+        first = served(sock)
+    edge.stop()
+
+    setup.start_edge("edge-2.log")
+    time.sleep(1.0)
+    assert setup.edge is not None
+    assert "Requesting the certificate" not in setup.edge.log()
+    with connect(setup.port, setup.trusted_context()) as sock:
+        assert served(sock).serial_number == first.serial_number
+    setup.edge.stop()
+
+    # With the certificate gone, the third start orders one: same account.
+    for path in (setup.state / "certificates" / NAME).iterdir():
+        path.unlink()
+    setup.start_edge("edge-3.log")
+    log = setup.wait_for_log(ISSUED)
+    assert f"ACME account {account_uri} at" in log
+    assert "registered at" not in log
+
+
+def test_renewal_swaps_the_certificate_under_live_connections(setup: Setup) -> None:
+    """Certificates that live 30 s are renewed with a third of that left;
+    a connection made before keeps working on the old one, a new one gets
+    the renewed certificate."""
+    setup.start_pebble(validity_seconds=30)
+    setup.start_edge()
+    setup.wait_for_log(ISSUED)
+    context = setup.trusted_context()
+    with connect(setup.port, context) as before:
+        old = served(before)
+        assert get_versions(before).startswith(b"HTTP/1.1 200")
+
+        log = setup.wait_for_log(ISSUED, count=2, timeout=40)
+        assert f"Renewing the certificate for {NAME}" in log
+
+        with connect(setup.port, context) as after:
+            new = served(after)
+            assert get_versions(after).startswith(b"HTTP/1.1 200")
+        assert new.serial_number != old.serial_number
+        assert new.not_valid_after_utc > old.not_valid_after_utc
+        # The connection from before goes on, on its own certificate.
+        assert get_versions(before).startswith(b"HTTP/1.1 200")
+        assert served(before).serial_number == old.serial_number
+
+
+def test_failing_challenge_leaves_a_placeholder_and_retries(setup: Setup) -> None:
+    """The CA cannot reach the edge (its validation goes to a port where
+    nothing listens): the order fails with the CA's reason, the listener
+    goes on serving a self-signed placeholder, and a retry is scheduled;
+    the edge does not exit."""
+    setup.start_pebble(tls_port=processes.free_port())
+    edge = setup.start_edge()
+    log = setup.wait_for_log("Could not get a certificate")
+    assert f"Could not get a certificate for {NAME} (attempt 1)" in log
+    assert "validation failed: tls-alpn-01 for edge.test" in log
+    assert "serving a self-signed placeholder, retrying in " in log
+
+    with connect(setup.port, untrusted_context()) as sock:
+        placeholder = served(sock)
+        assert get_versions(sock).startswith(b"HTTP/1.1 200")
+    assert placeholder.issuer == placeholder.subject
+    assert edge.popen.poll() is None
+
+
+def test_http01_on_the_port_80_listener(setup: Setup) -> None:
+    """With ``http01_port``, the challenge is answered over plain HTTP
+    there; anything else on that port is redirected to HTTPS."""
+    pebble = setup.start_pebble(tls_port=processes.free_port())
+    setup.write_config(
+        http01_port=pebble.http_port, http01_bind_addresses=["127.0.0.1"]
+    )
+    setup.start_edge()
+    log = setup.wait_for_log(ISSUED)
+    assert "Answered http-01 validation" in log
+    with socket.create_connection(("127.0.0.1", pebble.http_port), timeout=10) as s:
+        s.sendall(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: edge.test\r\n\r\n")
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 308")
+    assert b"Location: https://edge.test/_matrix/client/versions" in answer
+
+
+def test_revoke_command_then_reload_orders_a_new_certificate(setup: Setup) -> None:
+    """``twistd matrix-edge revoke NAME`` revokes with the edge's account
+    (the CA records it) and stores a placeholder; SIGHUP then serves the
+    placeholder and orders a new certificate."""
+    pebble = setup.start_pebble()
+    edge = setup.start_edge()
+    setup.wait_for_log(ISSUED)
+    with connect(setup.port, setup.trusted_context()) as sock:
+        revoked = served(sock)
+
+    done = subprocess.run(
+        [
+            processes.TWISTD,
+            "matrix-edge",
+            "--config",
+            str(setup.config_path),
+            "revoke",
+            "--reason",
+            "superseded",
+            NAME,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=processes.REPO,
+        env=dict(os.environ, PYTHONPATH=str(processes.REPO)),
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"Revoked the certificate for {NAME}" in done.stdout
+    assert pebble.cert_status(revoked.serial_number)["Status"] == "Revoked"
+
+    edge.popen.send_signal(signal.SIGHUP)
+    setup.wait_for_log(ISSUED, count=2)
+    with connect(setup.port, setup.trusted_context()) as sock:
+        assert served(sock).serial_number != revoked.serial_number
+
+
+def test_check_config_says_what_will_be_requested(setup: Setup) -> None:
+    setup.start_pebble()
+    config = setup.write_config()
+    done = subprocess.run(
+        [processes.TWISTD, "matrix-edge", "--config", str(config), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=processes.REPO,
+        env=dict(os.environ, PYTHONPATH=str(processes.REPO)),
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"ACME: certificates from {setup.pebble.directory_url}" in done.stdout  # type: ignore[union-attr]
+    assert f"{NAME}: nothing stored: requested at start" in done.stdout
+    # Checking creates nothing.
+    assert not setup.state.exists()
