@@ -18,6 +18,7 @@ from matrix_edge import twisted_private
 from matrix_edge.acme.service import AcmeService
 from matrix_edge.config.edge import EdgeConfig
 from matrix_edge.config.listeners import ListenerConfig, ListenerType
+from matrix_edge.expiry import ExpiryWarnings
 from matrix_edge.generation import Generation
 from matrix_edge.listening import ListenerKey, ListenerService, bind_all
 from matrix_edge.metrics.aggregate import Aggregator
@@ -235,6 +236,9 @@ def make_service(
         # process, then in the others.
         top.acme = AcmeService(reactor, config, on_issued=reloader.reload_all)
         top.acme.setServiceParent(top)
+        ExpiryWarnings(reactor, lambda: top.generation.tls.values()).setServiceParent(
+            top
+        )
         if top.acme.http01 is not None:
             binding.append(top.acme.http01)
     if counts is not None:
