@@ -10,6 +10,7 @@ itself. Pebble resolves every name to 127.0.0.1.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import ssl
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cryptography import x509
 
 from tests import processes
@@ -133,9 +135,9 @@ def setup(tmp_path: Path, pebble_found: None) -> Iterator[Setup]:
         s.stop()
 
 
-def connect(port: int, context: ssl.SSLContext) -> ssl.SSLSocket:
+def connect(port: int, context: ssl.SSLContext, name: str = NAME) -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-    return context.wrap_socket(raw, server_hostname=NAME)
+    return context.wrap_socket(raw, server_hostname=name)
 
 
 def served(sock: ssl.SSLSocket) -> x509.Certificate:
@@ -344,3 +346,64 @@ def test_check_config_says_what_will_be_requested(setup: Setup) -> None:
     assert f"{NAME}: nothing stored: requested at start" in done.stdout
     # Checking creates nothing.
     assert not setup.state.exists()
+
+
+def test_the_documented_configuration(setup: Setup) -> None:
+    """docs/automatic-certificates.md's configuration, as written but for
+    what loopback needs (ports, addresses, the CA, the state directory):
+    both names get certificates, each served on both listeners."""
+    page = (processes.REPO / "docs" / "automatic-certificates.md").read_text()
+    (block,) = re.findall(r"```yaml\n(.*?)```", page, re.S)
+    document = yaml.safe_load(block)
+    pebble = setup.start_pebble()
+    federation_port = processes.free_port()
+    client, federation = document["listeners"]
+    assert (client["port"], federation["port"]) == (443, 8448)
+    client.update(port=setup.port, bind_addresses=["127.0.0.1"])
+    federation.update(port=federation_port, bind_addresses=["127.0.0.1"])
+    document["upstream"] = f"http://127.0.0.1:{setup.upstream_port}"
+    document["acme"].update(
+        directory=pebble.directory_url,
+        ca_bundle=str(pebble.ca_bundle),
+        state_directory=str(setup.state),
+    )
+    processes.write_config(setup.config_path, document)
+    setup.start_edge()
+    names = document["acme"]["domains"]
+    for name in names:
+        setup.wait_for_log(f"Certificate for {name} issued")
+    context = setup.trusted_context()
+    for port in (setup.port, federation_port):
+        for name in names:
+            with connect(port, context, name) as sock:
+                san = served(sock).extensions.get_extension_for_class(
+                    x509.SubjectAlternativeName
+                )
+                assert san.value.get_values_for_type(x509.DNSName) == [name]
+
+
+def test_every_process_answers_and_serves(setup: Setup) -> None:
+    """With ``processes: 2`` the kernel hands the CA's validation
+    connections to either process; both answer from the state directory,
+    and once issued, both serve the certificate."""
+    setup.start_pebble()
+    config = yaml.safe_load(setup.write_config().read_text())
+    config["processes"] = 2
+    processes.write_config(setup.config_path, config)
+    setup.start_edge()
+    log = setup.wait_for_log(ISSUED)
+    # Pebble validates three times, over three connections.
+    assert log.count(f"Answered tls-alpn-01 validation for {NAME}") == 3
+    context = setup.trusted_context()
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            for _ in range(20):
+                with connect(setup.port, context) as sock:
+                    assert get_versions(sock).startswith(b"HTTP/1.1 200")
+            break
+        except ssl.SSLCertVerificationError:
+            # The second process reloads once the first passes SIGHUP on.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
