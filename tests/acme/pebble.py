@@ -21,21 +21,26 @@ An ACME client then talks to ``server.directory_url`` trusting
 and a test checks the issued chain against ``server.issuing_roots_pem()``.
 
 Pebble quirks worth knowing: its root and intermediate are new on every
-start; it enforces no rate limits; revocation is recorded but only visible
+start; it enforces no rate limits (``rate_limiting_front`` below answers
+like Let's Encrypt at its limits); revocation is recorded but only visible
 through the management interface (``cert_status``), as there is no OCSP/CRL.
 """
 
 from __future__ import annotations
 
 import datetime
+import http.client
+import http.server
 import ipaddress
 import json
 import os
 import shutil
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -449,3 +454,162 @@ def running_pebble(
         yield pebble
     finally:
         pebble.stop()
+
+
+RATE_LIMITED_DETAIL = (
+    "too many certificates (5) already issued for this exact set of"
+    " identifiers in the last 168h0m0s, retry after {at}: see"
+    " https://letsencrypt.org/docs/rate-limits/#new-certificates-per-exact-set-of-hostnames"
+)
+"""Let's Encrypt's wording when its duplicate-certificate limit is hit."""
+
+
+@attrs.define
+class RateLimitingFront:
+    """A running ``rate_limiting_front``: point the ACME client here."""
+
+    directory_url: str
+    """``https://127.0.0.1:PORT/dir``: pebble's directory, seen through the front."""
+    ca_bundle: Path
+    """PEM with the CAs of both the front's and pebble's HTTPS certificates."""
+    refused: int = 0
+    """newOrder requests answered 429 so far."""
+
+
+@contextmanager
+def rate_limiting_front(
+    pebble: Pebble,
+    tmp_path: Path,
+    refuse_new_orders: int,
+    retry_after: int = 3600,
+) -> Iterator[RateLimitingFront]:
+    """An HTTPS proxy on 127.0.0.1 in front of ``pebble`` that answers the
+    first ``refuse_new_orders`` newOrder POSTs the way Let's Encrypt does
+    when a rate limit is hit (429, ``urn:ietf:params:acme:error:rateLimited``,
+    ``Retry-After``), since pebble itself enforces no limits; everything
+    else is forwarded to pebble.
+
+    The ``Host`` header is passed on, so pebble checks the JWS ``url``
+    against the front's URLs and builds its own from them; pebble's base URL
+    is still rewritten to the front's in bodies, ``Location`` and ``Link``,
+    should any slip through. A refusal carries a real ``Replay-Nonce`` from
+    pebble's newNonce, as the client needs one with every answer."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    front_ca, cert_path, key_path = _write_https_pki(tmp_path)
+    ca_bundle = tmp_path / "front-and-pebble-ca.pem"
+    ca_bundle.write_bytes(front_ca.read_bytes() + pebble.ca_bundle.read_bytes())
+    pebble_context = pebble._ssl_context()
+    pebble_url = urllib.parse.urlsplit(pebble.directory_url)
+    pebble_base = f"https://{pebble_url.netloc}"
+    with urllib.request.urlopen(
+        pebble.directory_url, context=pebble_context, timeout=10
+    ) as reply:
+        directory = json.loads(reply.read())
+    new_order_path = urllib.parse.urlsplit(directory["newOrder"]).path
+    new_nonce_path = urllib.parse.urlsplit(directory["newNonce"]).path
+    lock = threading.Lock()
+
+    def to_pebble(
+        method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        connection = http.client.HTTPSConnection(
+            pebble_url.hostname, pebble_url.port, context=pebble_context, timeout=30
+        )
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.getheaders(), response.read()
+        finally:
+            connection.close()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self._handle()
+
+        do_HEAD = do_POST = do_GET
+
+        def _handle(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            if self.command == "POST" and self.path == new_order_path:
+                with lock:
+                    refuse = front.refused < refuse_new_orders
+                    front.refused += refuse
+                if refuse:
+                    self._refuse()
+                    return
+            forwarded = {
+                name: self.headers[name]
+                for name in ("Host", "Content-Type", "User-Agent", "Accept")
+                if self.headers[name] is not None
+            }
+            status, headers, answer = to_pebble(
+                self.command, self.path, body, forwarded
+            )
+            passed = [
+                (name, value.replace(pebble_base, own_base))
+                for name, value in headers
+                if name.lower()
+                in {"content-type", "replay-nonce", "location", "link", "retry-after"}
+            ]
+            self._send(
+                status, passed, answer.replace(pebble_base.encode(), own_base.encode())
+            )
+
+        def _refuse(self) -> None:
+            _, headers, _ = to_pebble("HEAD", new_nonce_path, None, {})
+            nonce = dict((name.lower(), value) for name, value in headers)[
+                "replay-nonce"
+            ]
+            at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+                seconds=retry_after
+            )
+            problem = {
+                "type": "urn:ietf:params:acme:error:rateLimited",
+                "detail": RATE_LIMITED_DETAIL.format(
+                    at=at.strftime("%Y-%m-%d %H:%M:%S UTC")
+                ),
+                "status": 429,
+            }
+            self._send(
+                429,
+                [
+                    ("Content-Type", "application/problem+json"),
+                    ("Retry-After", str(retry_after)),
+                    ("Replay-Nonce", nonce),
+                    ("Link", f'<{own_base}{pebble_url.path}>;rel="index"'),
+                ],
+                json.dumps(problem).encode(),
+            )
+
+        def _send(
+            self, status: int, headers: list[tuple[str, str]], body: bytes
+        ) -> None:
+            self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # pebble's log has every request
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert_path, key_path)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    own_base = f"https://127.0.0.1:{server.server_address[1]}"
+    front = RateLimitingFront(
+        directory_url=own_base + pebble_url.path, ca_bundle=ca_bundle
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield front
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -25,8 +25,14 @@ import pytest
 import yaml
 from cryptography import x509
 
+from matrix_edge.tls import generate_self_signed
 from tests import processes
-from tests.acme.pebble import Pebble, ensure_pebble, running_pebble
+from tests.acme.pebble import (
+    Pebble,
+    ensure_pebble,
+    rate_limiting_front,
+    running_pebble,
+)
 
 NAME = "edge.test"
 ISSUED = f"Certificate for {NAME} issued"
@@ -276,6 +282,39 @@ def test_failing_challenge_leaves_a_placeholder_and_retries(setup: Setup) -> Non
     assert edge.popen.poll() is None
 
 
+def test_rate_limited_order_is_retried_after_an_hour(setup: Setup) -> None:
+    """The CA refuses the order as Let's Encrypt does at its limits (429
+    ``rateLimited``, through a front before Pebble, which has none): the
+    listener serves a self-signed placeholder, the retry waits
+    RATE_LIMITED_DELAY (3600 s, up to a tenth more) rather than the first
+    minute of the usual backoff, and the edge does not exit."""
+    pebble = setup.start_pebble()
+    with rate_limiting_front(
+        pebble, setup.tmp_path / "front", refuse_new_orders=1
+    ) as front:
+        setup.write_config(
+            directory=front.directory_url, ca_bundle=str(front.ca_bundle)
+        )
+        edge = setup.start_edge()
+        failed = f"Could not get a certificate for {NAME} (attempt 1): rateLimited:"
+        log = setup.wait_for_log(failed)
+        (line,) = [line for line in log.splitlines() if failed in line]
+        assert "too many certificates (5) already issued" in line
+        assert "serving a self-signed placeholder, retrying in " in line
+        # RATE_LIMITED_DELAY (3600 s) plus up to 10% jitter, which the
+        # manager writes in minutes below two hours: "60m" to "66m".
+        delay = re.search(r"retrying in (\d+)m$", line)
+        assert delay is not None and 60 <= int(delay[1]) <= 66, line
+        assert front.refused == 1
+
+        with connect(setup.port, untrusted_context()) as sock:
+            placeholder = served(sock)
+            assert get_versions(sock).startswith(b"HTTP/1.1 200")
+        assert placeholder.issuer == placeholder.subject
+        assert ISSUED not in edge.log()
+        assert edge.popen.poll() is None
+
+
 def test_http01_on_the_port_80_listener(setup: Setup) -> None:
     """With ``http01_port``, the challenge is answered over plain HTTP
     there; anything else on that port is redirected to HTTPS."""
@@ -407,3 +446,28 @@ def test_every_process_answers_and_serves(setup: Setup) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def test_acme_and_file_certificates_on_one_listener(setup: Setup) -> None:
+    """A listener serving an ACME certificate and a certificate file picks
+    by SNI: the ACME name gets the CA's certificate, the file's name the
+    file's, and a client naming neither the first (ACME) one."""
+    setup.start_pebble()
+    chain, key = setup.tmp_path / "files.pem", setup.tmp_path / "files.key"
+    generate_self_signed(chain, key, ["files.test"])
+    config = yaml.safe_load(setup.write_config().read_text())
+    config["listeners"][0]["tls"].update(
+        certificate_path=str(chain), private_key_path=str(key)
+    )
+    processes.write_config(setup.config_path, config)
+    setup.start_edge()
+    setup.wait_for_log(ISSUED)
+
+    with connect(setup.port, setup.trusted_context()) as sock:
+        assert get_versions(sock).startswith(b"HTTP/1.1 200")
+    with connect(setup.port, untrusted_context(), "files.test") as sock:
+        from_file = served(sock)
+        assert get_versions(sock).startswith(b"HTTP/1.1 200")
+    assert from_file.subject.rfc4514_string() == "CN=files.test"
+    with connect(setup.port, untrusted_context(), "unknown.test") as sock:
+        assert served(sock).issuer != served(sock).subject
