@@ -3,7 +3,8 @@
 As ``nginx -s reload`` does, and without losing a request: the file is read
 and checked, and a new generation is built from it (certificates loaded,
 new listeners bound) beside the one serving. Anything wrong leaves the
-running configuration alone, and the log says why. Otherwise the listening
+running configuration alone, and the log says why; its certificate files
+are re-read all the same, so that no renewal waits on a fixed file. Otherwise the listening
 sockets of the listeners both configurations have hand new connections to
 the new generation, new listeners start, removed ones stop listening, and
 the old generation retires: requests in flight finish on the configuration
@@ -65,7 +66,7 @@ class Reloader:
         try:
             fresh = load_config(path)
         except ConfigError as e:
-            log.error("Not reloading {path}: {error}", path=path, error=str(e))
+            self._refused(e)
             return False
         changed = changed_keys(self._top.config, fresh)
         if not changed:
@@ -77,7 +78,7 @@ class Reloader:
         try:
             self._apply(fresh)
         except (ConfigError, ListenError) as e:
-            log.error("Not reloading {path}: {error}", path=path, error=str(e))
+            self._refused(e)
             return False
         applied = [k for k in changed if k.split(".")[0] not in RESTART_ONLY]
         waiting = [k for k in changed if k.split(".")[0] in RESTART_ONLY]
@@ -94,6 +95,19 @@ class Reloader:
                 keys=", ".join(waiting),
             )
         return True
+
+    def _refused(self, error: Exception) -> None:
+        """The file cannot be applied: the running configuration stays, but
+        its certificate files are re-read and the access log reopened all
+        the same, so that a renewal (certbot's, or the edge's own ACME
+        client's) is not held back by an unrelated mistake in the file."""
+        log.error(
+            "Not reloading {path}: {error}; certificates and the access log "
+            "re-read under the running configuration",
+            path=self._path,
+            error=str(error),
+        )
+        self._top.generation.reload_files()
 
     def _apply(self, fresh: EdgeConfig) -> None:
         top = self._top

@@ -663,6 +663,10 @@ def write_atomically(path: Path, data: bytes, mode: int) -> None:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
             f.write(data)
+            # On disk before it replaces the old file: a crash must not
+            # leave an empty certificate or key behind.
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

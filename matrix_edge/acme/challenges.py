@@ -31,7 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from matrix_edge.acme.store import AcmeStore
-from matrix_edge.config.domains import _LABEL
+from matrix_edge.config.domains import LABEL
 from matrix_edge.tls import TLS12_CIPHERS, write_atomically
 
 log = Logger()
@@ -123,11 +123,16 @@ class TLSALPNResponder:
     ) -> int | None:
         name = (server_name or "").lower().rstrip(".")
         path = self._answer_path(name)
-        if path is None or not path.exists():
-            log.info(
+        try:
+            pending = path is not None and path.exists()
+        except OSError:
+            pending = False
+        if path is None or not pending:
+            # Anyone can ask: not worth a line of the log each time.
+            log.debug(
                 "tls-alpn-01 validation for {name!r}, which has no pending "
                 "challenge: refused",
-                name=name,
+                name=name[:300],
             )
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         context = _challenge_context()
@@ -143,7 +148,7 @@ class TLSALPNResponder:
 
     def _answer_path(self, name: str) -> Path | None:
         labels = name.split(".")
-        if not all(_LABEL.match(label) for label in labels):
+        if len(name) > 253 or not all(LABEL.match(label) for label in labels):
             return None
         return self.store.tls_alpn_path(name)
 
@@ -180,7 +185,10 @@ class HTTP01Resource(Resource):
             answer = self._answer(token)
             if answer is not None:
                 request.setHeader(b"content-type", b"application/octet-stream")
-                log.info("Answered http-01 validation for token {token}", token=token)
+                log.info(
+                    "Answered http-01 validation for token {token}",
+                    token=token.decode("ascii"),
+                )
                 return answer
             request.setResponseCode(404)
             request.setHeader(b"content-type", b"text/plain")

@@ -1,8 +1,8 @@
 """The conversation with the CA, with the certbot team's ``acme`` library.
 
 ``acme`` is blocking (it speaks HTTP through ``requests``), so each step
-here is a plain function that L{matrix_edge.acme.manager} runs in
-Twisted's thread pool: the reactor never waits on the CA. One order runs at
+here is a plain function that L{matrix_edge.acme.manager} runs on a thread
+of its own: the reactor never waits on the CA. One order runs at
 a time, and nothing here touches the reactor or the listeners; the answers
 to challenges go through the state directory.
 """

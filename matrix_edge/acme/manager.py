@@ -88,9 +88,28 @@ class CertificateManager(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        # An order under way is not waited for: its thread is a daemon. A
-        # certificate it brings back is stored, for the next start.
+        # An order under way is not waited for: its thread is a daemon, and
+        # stores what it gets (for the next start) before it reports back.
         return None
+
+    def update(self, config: AcmeConfig, names: Sequence[str]) -> None:
+        """A reload changed the ``acme`` section or the names: later orders
+        use the new settings, new names are scheduled, names no listener
+        serves any more are dropped. An order under way finishes as it
+        started; there is never a second one beside it."""
+        if config != self.config:
+            self.config = config
+            self.store = AcmeStore(config.state_directory)
+            self.client = AcmeClient(config, self.store, log=self._log_info)
+        self.names = tuple(names)
+        now = self._reactor.seconds()
+        for name in list(self._due):
+            if name not in self.names:
+                del self._due[name]
+        for name in self.names:
+            if name not in self._due:
+                self._due[name] = self._renewal_time(name, now)
+        self._schedule()
 
     def refresh(self) -> None:
         """Look at the state directory again (on SIGHUP): a name whose
@@ -151,22 +170,28 @@ class CertificateManager(Service):
     @inlineCallbacks
     def _run(self, name: str) -> Any:
         try:
-            issued = yield self._in_thread(self.client.issue, name)
+            issued = yield self._in_thread(self._issue_and_store, name)
         except OrderFailed as e:
             self._failed(name, e)
+        except OSError as e:
+            # Ordered again after the usual wait, not at once: every order
+            # is a certificate the CA counts against its limits.
+            self._failed(name, OrderFailed(f"cannot store the certificate: {e}"))
         except Exception:
             log.failure("ACME order for {name} failed unexpectedly", name=name)
             self._failed(name, OrderFailed("internal error (see the log)"))
         else:
-            try:
-                self._stored(name, issued)
-            except OSError as e:
-                # Ordered again after the usual wait, not at once: every
-                # order is a certificate the CA counts against its limits.
-                self._failed(name, OrderFailed(f"cannot store the certificate: {e}"))
+            self._stored(name, issued)
         finally:
             self._running = None
             self._schedule()
+
+    def _issue_and_store(self, name: str) -> Issued:
+        """In the order's thread: the certificate is on disk even when the
+        edge stops before the thread is done (the CA has counted it)."""
+        issued = self.client.issue(name)
+        self.store.save_certificate(name, issued.key, issued.fullchain_pem)
+        return issued
 
     def _in_thread(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """Run a blocking ``acme`` call on a daemon thread of its own: one
@@ -186,7 +211,6 @@ class CertificateManager(Service):
         return done
 
     def _stored(self, name: str, issued: Issued) -> None:
-        self.store.save_certificate(name, issued.key, issued.fullchain_pem)
         leaf = issued.leaf
         self.issued += 1
         self._failures.pop(name, None)
@@ -198,7 +222,8 @@ class CertificateManager(Service):
             serial=leaf.serial_number,
             not_after=leaf.not_valid_after_utc.isoformat(),
         )
-        self._due[name] = self._renewal_time(name, self._reactor.seconds())
+        if name in self._due:
+            self._due[name] = self._renewal_time(name, self._reactor.seconds())
         if self.running:
             self._on_issued()
 

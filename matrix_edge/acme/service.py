@@ -70,8 +70,9 @@ class AcmeService(MultiService):
 
     def apply(self, config: EdgeConfig) -> None:
         """Order certificates for what ``config`` asks (on start and each
-        reload): a new manager when the ``acme`` section or the names
-        changed, else a look at what the state directory holds now."""
+        reload): the manager takes a changed ``acme`` section or names in
+        place (an order under way is never doubled), else looks at what the
+        state directory holds now."""
         wanted = (config.acme, acme_names(config))
         if wanted == self._current:
             if self.manager is not None:
@@ -84,11 +85,15 @@ class AcmeService(MultiService):
         if http01_at != self._http01_at and self.running:
             log.warn("acme.http01_port: changes apply after a restart")
         self._current = wanted
-        if self.manager is not None:
-            self.manager.disownServiceParent()
-            self.manager = None
         names = wanted[1]
-        if acme is not None and names:
+        if acme is None or not names:
+            if self.manager is not None:
+                # Kept, with nothing to order: an order under way still
+                # guards against a second one if ACME comes back.
+                self.manager.update(self.manager.config, ())
+        elif self.manager is not None:
+            self.manager.update(acme, names)
+        else:
             self.manager = CertificateManager(
                 self._reactor, acme, names, self._on_issued
             )

@@ -5,7 +5,7 @@ Layout (the directory and everything secret in it owner-only)::
 
     accounts/<CA host>-<hash of the directory URL>/key.pem, account.json
     certificates/<name>/fullchain.pem, privkey.pem
-    challenges/tls-alpn-01/<name>.pem     certificate and key, while pending
+    challenges/tls-alpn-01/<name>         certificate and key (PEM), while pending
     challenges/http-01/<token>            key authorization, while pending
 
 A listener serves ``certificates/<name>/`` like any certificate file pair;
@@ -21,6 +21,7 @@ import datetime
 import hashlib
 import json
 import os
+import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -68,6 +69,11 @@ class AcmeStore:
 
     def prepare(self) -> None:
         """Make the directory tree (owner-only), or say why it cannot be."""
+        if _foreign(self.root):
+            raise StateDirectoryError(
+                f"{self.root} already holds files that are not matrix-edge's; "
+                "give it a directory of its own"
+            )
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.root, 0o700)
@@ -149,8 +155,8 @@ class AcmeStore:
         left, is there already."""
         stored = self.certificate(name)
         now = datetime.datetime.now(datetime.timezone.utc)
-        _, key_path = self.certificate_files(name)
-        if stored is not None and os.path.exists(key_path):
+        chain_path, key_path = self.certificate_files(name)
+        if stored is not None and _pair_loads(chain_path, key_path):
             margin = PLACEHOLDER_MARGIN if stored.placeholder else datetime.timedelta()
             if stored.not_after - margin > now:
                 return
@@ -176,10 +182,49 @@ class AcmeStore:
     # Challenges ------------------------------------------------------------
 
     def tls_alpn_path(self, name: str) -> Path:
-        return self.root / "challenges" / "tls-alpn-01" / f"{name}.pem"
+        # The name alone (up to 253 bytes): a suffix could pass NAME_MAX.
+        return self.root / "challenges" / "tls-alpn-01" / name
 
     def http01_path(self, token: str) -> Path:
         return self.root / "challenges" / "http-01" / token
+
+
+def give_to_owner(root: Path) -> None:
+    """Run as root by an operator's command (``revoke``), hand what it
+    wrote back to the owner of the state directory, which the edge runs as:
+    a root-owned key would be unreadable to the edge, and its renewals
+    could not replace it."""
+    if os.geteuid() != 0:
+        return
+    owner = root.stat()
+    if owner.st_uid == 0:
+        return
+    for directory, _, files in os.walk(root):
+        for entry in [directory, *(os.path.join(directory, f) for f in files)]:
+            if os.lstat(entry).st_uid != owner.st_uid:
+                os.lchown(entry, owner.st_uid, owner.st_gid)
+
+
+def _foreign(root: Path) -> bool:
+    """Whether ``root`` exists with files in it that are not a state
+    directory's: then it is not chmodded 0700 and filled."""
+    try:
+        entries = set(os.listdir(root))
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        return True
+    return bool(entries - {"accounts", "certificates", "challenges"})
+
+
+def _pair_loads(chain_path: str, key_path: str) -> bool:
+    """Whether OpenSSL takes the chain with the key (it checks they match)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(chain_path, key_path)
+    except (OSError, ssl.SSLError):
+        return False
+    return True
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from matrix_edge.acme.client import AcmeClient, OrderFailed
 from matrix_edge.acme.service import acme_names
-from matrix_edge.acme.store import AcmeStore
+from matrix_edge.acme.store import AcmeStore, give_to_owner
 from matrix_edge.config.edge import EdgeConfig
 
 # RFC 5280 reason codes a subscriber may give (Let's Encrypt's list).
@@ -39,6 +39,7 @@ def revoke(config: EdgeConfig, name: str, reason: str = "unspecified") -> str:
     except OrderFailed as e:
         raise RevokeError(str(e)) from None
     store.replace_with_placeholder(name)
+    give_to_owner(store.root)
     served = name in acme_names(config)
     return (
         f"Revoked the certificate for {name} "

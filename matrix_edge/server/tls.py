@@ -66,6 +66,30 @@ def _starts_plain_http(first: int) -> bool:
     return 0x41 <= first <= 0x5A
 
 
+# A TLS record: content type, version (2 bytes), length (2 bytes), at most
+# 2^14 bytes of plaintext (a ClientHello is plaintext).
+_RECORD_HEADER = 5
+_MAX_RECORD = 1 << 14
+
+
+def _first_record_end(data: bytes) -> int:
+    """Where the first TLS record of a connection ends (for a handshake
+    record of sane length), or the end of ``data``."""
+    if len(data) < _RECORD_HEADER or data[0] != 0x16:
+        return len(data)
+    length = int.from_bytes(data[3:5], "big")
+    if length > _MAX_RECORD:
+        return len(data)
+    return _RECORD_HEADER + length
+
+
+def _first_record_incomplete(data: bytes) -> bool:
+    """Whether more of the first handshake record is still to come."""
+    if data[0] != 0x16:
+        return False
+    return len(data) < _RECORD_HEADER or len(data) < _first_record_end(data)
+
+
 @implementer(ITransport, IPushProducer)
 class TLSServerConnection(Protocol):
     """One accepted connection, TLS on the outside; the wrapped protocol
@@ -95,6 +119,8 @@ class TLSServerConnection(Protocol):
         self._drain_timer: Any = None
         self._validation = False
         """An ACME tls-alpn-01 validation: a handshake, then the end."""
+        self._hello = b""
+        """The first TLS record so far, while it is incomplete (ACME only)."""
         # Shadows dataReceived until the first bytes have been looked at.
         self.dataReceived = self._first_bytes  # type: ignore[method-assign]
 
@@ -109,15 +135,24 @@ class TLSServerConnection(Protocol):
         self.wrapped.makeConnection(self)
 
     def _first_bytes(self, data: bytes) -> None:
+        if self._hello:
+            data = self._hello + data
         if not data:
             return
         if not _starts_plain_http(data[0]):
-            del self.dataReceived  # TLS from now on, without this check.
             acme = self.factory.acme
-            if acme is not None and ACME_TLS_1_BYTES in data:
-                # The CA validating a tls-alpn-01 challenge, not a client.
-                self._validation = True
-                self._tls = acme.server_side(self._incoming, self._outgoing)
+            if acme is not None:
+                if _first_record_incomplete(data):
+                    # The CA's ClientHello may come in pieces; its ALPN list
+                    # is in the first record, whole before anything is fed.
+                    self._hello = data
+                    return
+                self._hello = b""
+                if ACME_TLS_1_BYTES in data[: _first_record_end(data)]:
+                    # The CA validating a tls-alpn-01 challenge, not a client.
+                    self._validation = True
+                    self._tls = acme.server_side(self._incoming, self._outgoing)
+            del self.dataReceived  # TLS from now on, without this check.
             self.dataReceived(data)
             return
         self.dataReceived = self._drop  # type: ignore[method-assign]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import attrs
 import pytest
+from cryptography import x509
 
 from tests import processes
+from tests.pki import make_pki
 from tests.rawhttp import read_response
 
 LONG_POLL = b"GET /_matrix/slow?s=3 HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -170,3 +173,54 @@ def test_sighup_applies_every_change_and_loses_nothing(
         assert loop.errors == [], loop.errors
         assert loop.answered_by["a"] > 20 and loop.answered_by["b"] > 20
     assert "Traceback" not in edge.log()
+
+
+def test_a_file_that_does_not_validate_still_lets_certificates_renew(
+    tmp_path: Path,
+) -> None:
+    """Renewed certificate files (certbot's deploy hook, or the edge's own
+    ACME client) are put in service by SIGHUP even while the configuration
+    file holds an unrelated mistake: the configuration stays as it runs,
+    the files are re-read."""
+    pki = make_pki(tmp_path / "pki")
+    chain, key = tmp_path / "fullchain.pem", tmp_path / "privkey.pem"
+    pki.leaf.install(chain, key)
+    port, upstream_port = processes.free_port(), processes.free_port()
+    upstream = processes.start_upstream(upstream_port, tmp_path / "upstream.log")
+    config = {
+        "listeners": [
+            {
+                "port": port,
+                "bind_addresses": ["127.0.0.1"],
+                "tls": {"certificate_path": str(chain), "private_key_path": str(key)},
+            }
+        ],
+        "upstream": f"http://127.0.0.1:{upstream_port}",
+    }
+    config_path = processes.write_config(tmp_path / "edge.yaml", config)
+    edge = processes.start_edge(config_path, tmp_path / "edge.log", ("127.0.0.1", port))
+
+    def serial() -> int:
+        context = ssl.create_default_context(cafile=str(pki.ca_cert_path))
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as sock,
+        ):
+            der = sock.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
+
+    try:
+        before = serial()
+        renewed = pki.issue_leaf("renewed")
+        renewed.install(chain, key)
+        config_path.write_text(config_path.read_text() + "typo_key: 1\n")
+        edge.popen.send_signal(signal.SIGHUP)
+        processes.wait_until(lambda: "Not reloading" in edge.log())
+        assert "certificates and the access log re-read" in edge.log()
+        after = serial()
+        assert after != before
+        assert after == renewed.certificate.serial_number
+    finally:
+        edge.stop()
+        upstream.stop()

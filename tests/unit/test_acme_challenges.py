@@ -9,6 +9,8 @@ import ssl
 
 import pytest
 from cryptography import x509
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.server import Site
 
@@ -24,6 +26,8 @@ from matrix_edge.acme.challenges import (
     write_tls_alpn_answer,
 )
 from matrix_edge.acme.store import AcmeStore
+from matrix_edge.server.tls import HTTPSOnlyFactory
+from matrix_edge.tls import ServerTLS, generate_self_signed
 
 NAME = "matrix.example.org"
 KEY_AUTHORIZATION = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA.9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
@@ -290,3 +294,51 @@ def test_http01_redirect_refuses_a_host_that_is_no_host(store, host):
     status, headers, _ = _get(store, b"/x", host=host)
     assert status == 400
     assert b"location" not in headers
+
+
+def test_an_over_long_name_is_refused_without_touching_the_files(store):
+    name = ".".join(["a" * 60] * 5)  # 304 characters: no file name takes it
+    responder = TLSALPNResponder(store)
+    assert responder._on_sni(None, name, None) == (  # type: ignore[arg-type]
+        ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+    )
+
+
+@pytest.mark.parametrize("first", [1, 3, 5, 40])
+def test_a_client_hello_in_pieces_still_reaches_the_validation(tmp_path, store, first):
+    """The listener's TLS layer tells the CA's connection apart by the
+    ALPN list in its first TLS record, however the record is cut up by
+    TCP: here the first piece is ``first`` bytes, the rest comes after."""
+    write_tls_alpn_answer(store, NAME, KEY_AUTHORIZATION)
+    chain, key = tmp_path / "site.pem", tmp_path / "site.key"
+    generate_self_signed(chain, key, [NAME])
+    https = HTTPSOnlyFactory(
+        ServerTLS(chain, key),
+        Factory.forProtocol(Protocol),
+        Clock(),
+        acme=TLSALPNResponder(store),
+    )
+    connection = https.buildProtocol(None)
+    transport = StringTransport()
+    connection.makeConnection(transport)
+
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_context.check_hostname = False
+    client_context.verify_mode = ssl.CERT_NONE
+    client_context.set_alpn_protocols([ACME_TLS_1])
+    c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context.wrap_bio(c_in, c_out, server_hostname=NAME)
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    hello = c_out.read()
+    connection.dataReceived(hello[:first])
+    assert transport.value() == b""
+    connection.dataReceived(hello[first:])
+    c_in.write(transport.value())
+    client.do_handshake()
+
+    assert client.selected_alpn_protocol() == ACME_TLS_1
+    der = client.getpeercert(binary_form=True)
+    assert der is not None
+    presented = x509.load_der_x509_certificate(der)
+    assert presented.extensions.get_extension_for_oid(ACME_IDENTIFIER).critical

@@ -409,3 +409,68 @@ def test_a_certificate_that_cannot_be_saved_is_not_ordered_again_at_once(setup):
     gc.collect()  # the unhandled failure is logged here, not in a later test
     assert setup.ca.calls == [NAME]
     assert setup.delay(NAME) >= RETRY_DELAYS[0]
+
+
+class _GatedCA(_CA):
+    """Holds each order on its thread until the test opens the gate."""
+
+    def __init__(self, pki) -> None:
+        super().__init__(pki)
+        self.gate = threading.Event()
+
+    def issue(self, name: str) -> Issued:
+        assert self.gate.wait(10)
+        return super().issue(name)
+
+
+def test_a_reload_during_an_order_starts_no_second_one(tmp_path):
+    """A reload that adds a name while an order is under way: the same
+    manager takes the new names, and nothing else is ordered until the
+    order comes back (two orders for one name would each remove the
+    other's challenge answer)."""
+    setup = _Setup(tmp_path)
+    ca = setup.manager.client = _GatedCA(setup.pki)  # type: ignore[assignment]
+    ca.outcomes += [datetime.timedelta(days=90)] * 2
+    setup.manager.startService()
+    [timer] = setup.pending()
+    setup.reactor.advance(0)
+    assert not timer.active()
+
+    config = setup.manager.config
+    setup.manager.update(config, (NAME, OTHER))
+    setup.manager.refresh()
+    assert setup.pending() == []
+
+    ca.gate.set()
+    setup.reactor.run_from_threads()
+    assert ca.calls == [NAME]
+    setup.order_now()
+    assert ca.calls == [NAME, OTHER]
+    assert setup.on_issued_calls == 2
+
+
+def test_a_name_dropped_by_a_reload_is_not_ordered(setup):
+    setup.manager.startService()
+    setup.manager.update(setup.manager.config, ())
+    assert setup.manager.due() == {}
+    assert setup.pending() == []
+
+
+def test_an_order_ending_after_stop_is_stored_for_the_next_start(tmp_path):
+    """The thread stores the certificate itself: the CA has counted it, and
+    a stop (whose reactor runs nothing more) must not lose it."""
+    setup = _Setup(tmp_path)
+    ca = setup.manager.client = _GatedCA(setup.pki)  # type: ignore[assignment]
+    ca.outcomes.append(datetime.timedelta(days=90))
+    setup.manager.startService()
+    setup.reactor.advance(0)
+    setup.manager.stopService()
+    ca.gate.set()
+    stored = None
+    for _ in range(200):
+        stored = setup.store.certificate(NAME)
+        if stored is not None and not stored.placeholder:
+            break
+        threading.Event().wait(0.05)
+    assert stored is not None and not stored.placeholder
+    assert stored.leaf.serial_number == ca.issued[0].leaf.serial_number

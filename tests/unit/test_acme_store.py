@@ -19,6 +19,7 @@ from matrix_edge.acme.store import (
     PLACEHOLDER_MARGIN,
     AcmeStore,
     StateDirectoryError,
+    give_to_owner,
 )
 from matrix_edge.config.acme import LETSENCRYPT, LETSENCRYPT_STAGING
 from tests.pki import make_pki
@@ -333,8 +334,53 @@ def test_replace_with_placeholder(tmp_path, store):
 
 def test_challenge_paths(store):
     assert store.tls_alpn_path(NAME) == (
-        store.root / "challenges" / "tls-alpn-01" / f"{NAME}.pem"
+        store.root / "challenges" / "tls-alpn-01" / NAME
     )
     assert (
         store.http01_path("abc_-1") == store.root / "challenges" / "http-01" / "abc_-1"
     )
+
+
+def test_ensure_servable_replaces_a_pair_whose_key_does_not_match(tmp_path, store):
+    """A crash after the new key was written and before its chain was:
+    the old chain beside a new key would stop the listener loading; a
+    placeholder serves instead, and the manager orders anew."""
+    pki = make_pki(tmp_path / "pki")
+    leaf, fullchain = _issued(
+        pki, NAME, datetime.datetime.now(UTC) + datetime.timedelta(days=60)
+    )
+    store.save_certificate(NAME, leaf.private_key, fullchain)
+    _, key_path = store.certificate_files(NAME)
+    Path(key_path).write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    store.ensure_servable(NAME)
+    assert store.certificate(NAME).placeholder
+
+
+def test_prepare_refuses_a_directory_holding_other_files(tmp_path):
+    """``state_directory: /etc`` would otherwise be chmodded 0700."""
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    (shared / "something-else").write_text("x")
+    with pytest.raises(StateDirectoryError, match="not matrix-edge's"):
+        AcmeStore(shared).prepare()
+    assert _mode(shared) == 0o755
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
+def test_give_to_owner_hands_files_written_by_root_back(store):
+    """``revoke`` run as root (the service's user being systemd's dynamic
+    one): what it wrote goes back to the directory's owner."""
+    os.chown(store.root, 65534, 65534)
+    store.replace_with_placeholder(NAME)
+    give_to_owner(store.root)
+    for path in [
+        *store.certificate_files(NAME),
+        Path(store.certificate_files(NAME)[0]).parent,
+    ]:
+        assert os.stat(path).st_uid == 65534

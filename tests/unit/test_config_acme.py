@@ -218,7 +218,7 @@ def test_the_second_listener_is_named():
             {"acme": ["a.example.org", "10.0.0.1"]},
             "listeners[0].tls.acme[1]: 10.0.0.1: IP addresses are not supported",
         ),
-        ({"acme": False}, "listeners[0].tls.certificate_path: required"),
+        ({"acme": False}, "listeners[0].tls.acme: false leaves this listener"),
         ({"acme": True, "chain": "x"}, "listeners[0].tls.chain: unknown key"),
     ],
 )
