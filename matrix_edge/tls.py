@@ -456,8 +456,7 @@ class ServerTLS:
         notAfter in seconds since the epoch: what the metrics report, read
         from what the last (re)load put in service."""
         return [
-            (c.chain_path, c.leaf.not_valid_after_utc.timestamp())
-            for c in self._current.certificates
+            (path, leaf.not_valid_after_utc.timestamp()) for path, leaf in self.served()
         ]
 
     def served(self) -> list[tuple[str, x509.Certificate]]:
@@ -639,19 +638,21 @@ def generate_self_signed(
         )
         .sign(key, hashes.SHA256())
     )
-    write_atomically(
-        Path(private_key_path),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-        0o600,
-    )
+    write_atomically(Path(private_key_path), private_key_pem(key), 0o600)
     write_atomically(
         Path(certificate_path),
         certificate.public_bytes(serialization.Encoding.PEM),
         0o644,
+    )
+
+
+def private_key_pem(key: _ServerKey) -> bytes:
+    """A private key as unencrypted PKCS#8 PEM, as every key file here is
+    written."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
     )
 
 

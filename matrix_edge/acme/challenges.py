@@ -32,7 +32,7 @@ from twisted.web.server import Request
 
 from matrix_edge.acme.store import AcmeStore
 from matrix_edge.config.domains import LABEL
-from matrix_edge.tls import TLS12_CIPHERS, write_atomically
+from matrix_edge.tls import TLS12_CIPHERS, private_key_pem, write_atomically
 
 log = Logger()
 
@@ -74,11 +74,7 @@ def write_tls_alpn_answer(store: AcmeStore, name: str, key_authorization: str) -
         )
         .sign(key, hashes.SHA256())
     )
-    pem = certificate.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    pem = certificate.public_bytes(serialization.Encoding.PEM) + private_key_pem(key)
     write_atomically(store.tls_alpn_path(name), pem, 0o600)
 
 

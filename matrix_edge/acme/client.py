@@ -17,7 +17,6 @@ import josepy as jose
 from acme import challenges, client, errors, messages
 from acme.crypto_util import make_csr
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from matrix_edge.acme.challenges import (
@@ -28,6 +27,7 @@ from matrix_edge.acme.challenges import (
 )
 from matrix_edge.acme.store import AcmeStore
 from matrix_edge.config.acme import AcmeConfig
+from matrix_edge.tls import private_key_pem
 from matrix_edge.version import version
 
 # How long the CA has to validate and issue, per order.
@@ -140,12 +140,7 @@ class AcmeClient:
     def _issue(self, name: str) -> Issued:
         acme_client = self._connected()
         key = ec.generate_private_key(ec.SECP256R1())
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        order = acme_client.new_order(make_csr(key_pem, [name]))
+        order = acme_client.new_order(make_csr(private_key_pem(key), [name]))
         cleanups: list[Callable[[], None]] = []
         try:
             for authorization in order.authorizations:

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from matrix_edge.acme.client import AcmeClient, Issued, OrderFailed
-from matrix_edge.acme.store import AcmeStore
+from matrix_edge.acme.store import AcmeStore, StoredCertificate
 from matrix_edge.config.acme import AcmeConfig
 
 log = Logger()
@@ -40,6 +40,14 @@ RETRY_DELAYS = (60.0, 300.0, 1800.0, 3600.0, 4 * 3600.0, 12 * 3600.0)
 
 RATE_LIMITED_DELAY = 3600.0
 """The least wait after the CA says ``rateLimited``."""
+
+
+def renewal_from(stored: StoredCertificate, early: float = 0.0) -> datetime.datetime:
+    """When renewing ``stored`` starts: with L{RENEW_WHEN_LEFT} of its
+    lifetime left, and ``early`` (a fraction of the lifetime: the jitter)
+    before that."""
+    lifetime = stored.not_after - stored.not_before
+    return stored.not_after - lifetime * (RENEW_WHEN_LEFT + early)
 
 
 class CertificateManager(Service):
@@ -134,9 +142,7 @@ class CertificateManager(Service):
         self._seen[name] = None if stored is None else stored.leaf.serial_number
         if stored is None or stored.placeholder:
             return now
-        lifetime = (stored.not_after - stored.not_before).total_seconds()
-        early = lifetime * (RENEW_WHEN_LEFT + JITTER * self.random.random())
-        at = stored.not_after.timestamp() - early
+        at = renewal_from(stored, JITTER * self.random.random()).timestamp()
         return now + max(0.0, at - _wall_clock())
 
     def _schedule(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime
 
-from matrix_edge.acme.manager import RENEW_WHEN_LEFT
+from matrix_edge.acme.manager import renewal_from
 from matrix_edge.acme.service import acme_names
 from matrix_edge.acme.store import AcmeStore
 from matrix_edge.config.edge import EdgeConfig
@@ -33,8 +33,7 @@ def describe_plan(config: EdgeConfig) -> str:
         elif stored.placeholder:
             state = "placeholder only: requested at start"
         else:
-            lifetime = stored.not_after - stored.not_before
-            renew = stored.not_after - lifetime * RENEW_WHEN_LEFT
+            renew = renewal_from(stored)
             when = "at start" if renew <= now else f"from {renew.isoformat()}"
             state = f"valid until {stored.not_after.isoformat()}; renewed {when}"
         lines.append(f"  {name}: {state}")

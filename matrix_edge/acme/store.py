@@ -30,7 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from matrix_edge.tls import generate_self_signed, write_atomically
+from matrix_edge.tls import generate_self_signed, private_key_pem, write_atomically
 
 # A placeholder is made again when it is this close to its end, so that a
 # CA unreachable for weeks never leaves an expired certificate in service.
@@ -109,7 +109,7 @@ class AcmeStore:
             key = serialization.load_pem_private_key(path.read_bytes(), None)
         except FileNotFoundError:
             key = ec.generate_private_key(ec.SECP256R1())
-            write_atomically(path, _private_pem(key), 0o600)
+            write_atomically(path, private_key_pem(key), 0o600)
             return key
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise StateDirectoryError(f"{path} is not an EC account key")
@@ -176,7 +176,7 @@ class AcmeStore:
         a reader never finds a new chain beside an old key (the TLS loader
         refuses a pair that does not match, and keeps what it serves)."""
         chain_path, key_path = self.certificate_files(name)
-        write_atomically(Path(key_path), _private_pem(key), 0o600)
+        write_atomically(Path(key_path), private_key_pem(key), 0o600)
         write_atomically(Path(chain_path), fullchain_pem, 0o644)
 
     # Challenges ------------------------------------------------------------
@@ -225,11 +225,3 @@ def _pair_loads(chain_path: str, key_path: str) -> bool:
     except (OSError, ssl.SSLError):
         return False
     return True
-
-
-def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )

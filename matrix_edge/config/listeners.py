@@ -247,17 +247,14 @@ def parse_tls(value: object, path: KeyPath) -> TLSConfig:
         fail(path, "omit the key for a plain HTTP listener")
     data = read_mapping(value, path, (*_CERTIFICATE_KEYS, "certificates", "acme"))
     acme_domains = _parse_acme_names(data.get("acme"), (*path, "acme"))
-    if data.get("acme") is False and not any(
-        key in data for key in (*_CERTIFICATE_KEYS, "certificates")
-    ):
+    has_files = any(key in data for key in (*_CERTIFICATE_KEYS, "certificates"))
+    if data.get("acme") is False and not has_files:
         fail(
             (*path, "acme"),
             "false leaves this listener without a certificate: give `true`, "
             "a list of names, or certificate files",
         )
-    if acme_domains is not None and not any(
-        key in data for key in (*_CERTIFICATE_KEYS, "certificates")
-    ):
+    if acme_domains is not None and not has_files:
         return TLSConfig(certificates=(), acme_domains=acme_domains)
     if "certificates" in data:
         if any(key in data for key in _CERTIFICATE_KEYS):

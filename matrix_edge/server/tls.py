@@ -72,22 +72,19 @@ _RECORD_HEADER = 5
 _MAX_RECORD = 1 << 14
 
 
-def _first_record_end(data: bytes) -> int:
-    """Where the first TLS record of a connection ends (for a handshake
-    record of sane length), or the end of ``data``."""
-    if len(data) < _RECORD_HEADER or data[0] != 0x16:
-        return len(data)
+def _first_record(data: bytes) -> bytes | None:
+    """The first TLS record of a connection, or None while more of it is
+    to come. Anything but a handshake record of sane length is taken as it
+    is: the TLS engine refuses it."""
+    if data[0] != 0x16:
+        return data
+    if len(data) < _RECORD_HEADER:
+        return None
     length = int.from_bytes(data[3:5], "big")
     if length > _MAX_RECORD:
-        return len(data)
-    return _RECORD_HEADER + length
-
-
-def _first_record_incomplete(data: bytes) -> bool:
-    """Whether more of the first handshake record is still to come."""
-    if data[0] != 0x16:
-        return False
-    return len(data) < _RECORD_HEADER or len(data) < _first_record_end(data)
+        return data
+    end = _RECORD_HEADER + length
+    return data[:end] if len(data) >= end else None
 
 
 @implementer(ITransport, IPushProducer)
@@ -142,13 +139,14 @@ class TLSServerConnection(Protocol):
         if not _starts_plain_http(data[0]):
             acme = self.factory.acme
             if acme is not None:
-                if _first_record_incomplete(data):
+                record = _first_record(data)
+                if record is None:
                     # The CA's ClientHello may come in pieces; its ALPN list
                     # is in the first record, whole before anything is fed.
                     self._hello = data
                     return
                 self._hello = b""
-                if ACME_TLS_1_BYTES in data[: _first_record_end(data)]:
+                if ACME_TLS_1_BYTES in record:
                     # The CA validating a tls-alpn-01 challenge, not a client.
                     self._validation = True
                     self._tls = acme.server_side(self._incoming, self._outgoing)
