@@ -87,6 +87,20 @@ def start_upstream(port: int, log_path: Path, name: str = "yes") -> Process:
     return process
 
 
+def run_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """``twistd -n --pidfile= matrix-edge ARGS`` run to its end, as an
+    operator runs ``--check-config`` or a command (``revoke``, ``routes``),
+    with what it prints."""
+    return subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "matrix-edge", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+
+
 def write_config(path: Path, document: dict) -> Path:
     path.write_text(yaml.safe_dump(document))
     return path

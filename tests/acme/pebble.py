@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime
 import http.client
 import http.server
-import ipaddress
 import json
 import os
 import shutil
@@ -47,11 +46,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.e2e import environment
+from tests.pki import make_pki
 from tests.processes import free_port
 
 PEBBLE_PACKAGE = "pebble"
@@ -70,43 +67,14 @@ def ensure_pebble() -> tuple[str | None, str]:
     """The path of ``pebble``, installing Debian's pebble package (which also
     brings ``pebble-challtestsrv``) when it is missing; (None, reason) when it
     cannot be had, so tests can skip with the reason."""
-    found = _find_both()
-    if found:
-        return found, ""
-    if shutil.which("apt-get") is None:
-        return None, "pebble is missing and there is no apt-get to install it"
-    if os.geteuid() != 0:
-        return None, "pebble is missing and installing it needs root"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    lock = ["-o", "DPkg::Lock::Timeout=600"]
-    steps = [
-        ["apt-get", *lock, "update"],
-        ["apt-get", *lock, "install", "-y", "--no-install-recommends", PEBBLE_PACKAGE],
-    ]
-    for step in steps:
-        try:
-            done = subprocess.run(
-                step, capture_output=True, text=True, timeout=900, env=env
-            )
-        except subprocess.TimeoutExpired:
-            return None, f"{' '.join(step)} timed out"
-        if done.returncode != 0 and step[-1] == PEBBLE_PACKAGE:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            return None, f"apt-get install {PEBBLE_PACKAGE} failed: {' | '.join(tail)}"
-    found = _find_both()
-    if not found:
-        return (
-            None,
-            f"{PEBBLE_PACKAGE} installed but pebble/pebble-challtestsrv not on PATH",
+    try:
+        pebble = environment.apt_install([PEBBLE_PACKAGE], "pebble", "/usr/bin/pebble")
+        environment.apt_install(
+            [PEBBLE_PACKAGE], "pebble-challtestsrv", "/usr/bin/pebble-challtestsrv"
         )
-    return found, ""
-
-
-def _find_both() -> str | None:
-    pebble = shutil.which("pebble")
-    if pebble and shutil.which("pebble-challtestsrv"):
-        return pebble
-    return None
+    except environment.Unavailable as e:
+        return None, str(e)
+    return str(pebble), ""
 
 
 @attrs.frozen
@@ -196,85 +164,11 @@ def _stop(popen: subprocess.Popen) -> None:
 
 
 def _write_https_pki(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA and, signed by it, a certificate for 127.0.0.1/localhost that
+    """A CA and, issued by it, a certificate for 127.0.0.1/localhost that
     pebble serves its directory and management interface with. Returns
-    (ca_bundle, certificate, private key) paths."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=7)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, "pebble https test CA")]
-    )
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path = directory / "https-ca.pem"
-    cert_path = directory / "https-cert.pem"
-    key_path = directory / "https-key.pem"
-    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return ca_path, cert_path, key_path
+    (ca_bundle, certificate chain, private key) paths."""
+    pki = make_pki(directory, hostnames=["localhost"], ip_addresses=["127.0.0.1"])
+    return pki.ca_cert_path, pki.chain_path, pki.key_path
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:

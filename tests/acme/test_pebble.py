@@ -9,13 +9,11 @@ itself. Pebble resolves every name to 127.0.0.1.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
 import ssl
 import stat
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -342,22 +340,8 @@ def test_revoke_command_then_reload_orders_a_new_certificate(setup: Setup) -> No
     with connect(setup.port, setup.trusted_context()) as sock:
         revoked = served(sock)
 
-    done = subprocess.run(
-        [
-            processes.TWISTD,
-            "matrix-edge",
-            "--config",
-            str(setup.config_path),
-            "revoke",
-            "--reason",
-            "superseded",
-            NAME,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=processes.REPO,
-        env=dict(os.environ, PYTHONPATH=str(processes.REPO)),
+    done = processes.run_command(
+        "--config", str(setup.config_path), "revoke", "--reason", "superseded", NAME
     )
     assert done.returncode == 0, done.stderr
     assert f"Revoked the certificate for {NAME}" in done.stdout
@@ -372,14 +356,7 @@ def test_revoke_command_then_reload_orders_a_new_certificate(setup: Setup) -> No
 def test_check_config_says_what_will_be_requested(setup: Setup) -> None:
     setup.start_pebble()
     config = setup.write_config()
-    done = subprocess.run(
-        [processes.TWISTD, "matrix-edge", "--config", str(config), "--check-config"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=processes.REPO,
-        env=dict(os.environ, PYTHONPATH=str(processes.REPO)),
-    )
+    done = processes.run_command("--config", str(config), "--check-config")
     assert done.returncode == 0, done.stderr
     assert f"ACME: certificates from {setup.pebble.directory_url}" in done.stdout  # type: ignore[union-attr]
     assert f"{NAME}: nothing stored: requested at start" in done.stdout

@@ -353,21 +353,7 @@ def _wait_for_unix_socket(
 
 
 def check_config(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            processes.TWISTD,
-            "-n",
-            "--pidfile=",
-            "matrix-edge",
-            "--config",
-            str(path),
-            "--check-config",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=processes.REPO,
-    )
+    return processes.run_command("--config", str(path), "--check-config")
 
 
 @attrs.define

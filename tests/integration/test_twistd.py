@@ -23,16 +23,6 @@ from tests.pki import make_pki
 from tests.rawhttp import connect, exchange, read_response
 
 
-def _run_twistd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [processes.TWISTD, "-n", "--pidfile=", "matrix-edge", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=processes.REPO,
-    )
-
-
 def test_check_config_names_the_key(tmp_path: Path) -> None:
     config = tmp_path / "edge.yaml"
     config.write_text(
@@ -53,7 +43,7 @@ def test_check_config_names_the_key(tmp_path: Path) -> None:
             }
         )
     )
-    result = _run_twistd("--config", str(config), "--check-config")
+    result = processes.run_command("--config", str(config), "--check-config")
     assert result.returncode != 0
     assert "listeners[1].tls.certificate_path: file not found:" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
@@ -97,7 +87,7 @@ def test_check_config_names_the_key(tmp_path: Path) -> None:
 def test_check_config_errors(tmp_path: Path, document: str, message: str) -> None:
     config = tmp_path / "edge.yaml"
     config.write_text(document)
-    result = _run_twistd("--config", str(config), "--check-config")
+    result = processes.run_command("--config", str(config), "--check-config")
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -119,7 +109,7 @@ def test_check_config_names_a_workers_key(tmp_path: Path) -> None:
             },
         },
     )
-    result = _run_twistd("--config", str(config), "--check-config")
+    result = processes.run_command("--config", str(config), "--check-config")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         f"matrix-edge: configuration error in {config}: workers.pools.synchrotron[1]: "
@@ -129,14 +119,14 @@ def test_check_config_names_a_workers_key(tmp_path: Path) -> None:
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    result = _run_twistd("--config", str(tmp_path / "nope.yaml"))
+    result = processes.run_command("--config", str(tmp_path / "nope.yaml"))
     assert result.returncode != 0
     assert "cannot read config file" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_generated_config_is_valid(tmp_path: Path) -> None:
-    result = _run_twistd("--generate-config")
+    result = processes.run_command("--generate-config")
     assert result.returncode == 0
     document = yaml.safe_load(result.stdout)
     pki = make_pki(tmp_path / "pki")
@@ -146,7 +136,7 @@ def test_generated_config_is_valid(tmp_path: Path) -> None:
             "private_key_path": str(pki.key_path),
         }
     config = processes.write_config(tmp_path / "edge.yaml", document)
-    check = _run_twistd("--config", str(config), "--check-config")
+    check = processes.run_command("--config", str(config), "--check-config")
     assert check.returncode == 0, check.stderr
     assert "configuration OK" in check.stdout
 
@@ -169,7 +159,7 @@ def test_bad_certificate_named_at_check(tmp_path: Path) -> None:
             "upstream": "http://127.0.0.1:8008",
         },
     )
-    result = _run_twistd("--config", str(config), "--check-config")
+    result = processes.run_command("--config", str(config), "--check-config")
     assert result.returncode != 0
     assert "listeners[0].tls:" in result.stderr
     assert str(garbage) in result.stderr
@@ -188,7 +178,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
                 "upstream": "http://127.0.0.1:8008",
             },
         )
-        result = _run_twistd("--config", str(config))
+        result = processes.run_command("--config", str(config))
     assert result.returncode != 0
     # In the foreground, twistd sends stderr into its log on stdout.
     output = result.stdout + result.stderr
@@ -425,7 +415,7 @@ def test_sighup_switches_maintenance_mode(tmp_path: Path) -> None:
 
 
 def test_version_is_matrix_edges_own() -> None:
-    result = _run_twistd("--version")
+    result = processes.run_command("--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"matrix-edge {metadata.version('matrix-edge')}\n"
 
@@ -677,7 +667,7 @@ def test_a_bad_log_level_is_named(tmp_path: Path) -> None:
         "listeners: [{port: 8080}]\nupstream: http://127.0.0.1:8008\n"
         "log_level: verbose\n"
     )
-    result = _run_twistd("--config", str(config), "--check-config")
+    result = processes.run_command("--config", str(config), "--check-config")
     assert result.returncode != 0
     assert (
         f"configuration error in {config}: log_level: expected one of debug, "

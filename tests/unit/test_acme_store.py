@@ -49,6 +49,15 @@ def _issued(pki, name: str, not_after: datetime.datetime):
     return leaf, fullchain
 
 
+def _store_issued(tmp_path, store: AcmeStore, valid_for: datetime.timedelta):
+    """A CA-issued certificate for NAME, valid for ``valid_for`` more,
+    saved in ``store``."""
+    pki = make_pki(tmp_path / "pki")
+    leaf, fullchain = _issued(pki, NAME, datetime.datetime.now(UTC) + valid_for)
+    store.save_certificate(NAME, leaf.private_key, fullchain)
+    return leaf
+
+
 @pytest.fixture
 def store(tmp_path) -> AcmeStore:
     store = AcmeStore(tmp_path / "acme")
@@ -217,11 +226,7 @@ def test_ensure_servable_keeps_a_valid_certificate(tmp_path, store):
 
 
 def test_ensure_servable_replaces_an_expired_certificate(tmp_path, store):
-    pki = make_pki(tmp_path / "pki")
-    leaf, fullchain = _issued(
-        pki, NAME, datetime.datetime.now(UTC) - datetime.timedelta(minutes=1)
-    )
-    store.save_certificate(NAME, leaf.private_key, fullchain)
+    _store_issued(tmp_path, store, -datetime.timedelta(minutes=1))
     store.ensure_servable(NAME)
     stored = store.certificate(NAME)
     assert stored.placeholder
@@ -267,11 +272,7 @@ def test_ensure_servable_keeps_a_placeholder_outside_the_margin(store):
 
 
 def test_ensure_servable_replaces_a_certificate_without_its_key(tmp_path, store):
-    pki = make_pki(tmp_path / "pki")
-    leaf, fullchain = _issued(
-        pki, NAME, datetime.datetime.now(UTC) + datetime.timedelta(days=60)
-    )
-    store.save_certificate(NAME, leaf.private_key, fullchain)
+    _store_issued(tmp_path, store, datetime.timedelta(days=60))
     os.unlink(store.certificate_files(NAME)[1])
     store.ensure_servable(NAME)
     assert store.certificate(NAME).placeholder
@@ -310,22 +311,14 @@ def test_save_certificate_modes(tmp_path, store):
 
 def test_save_certificate_replaces_a_placeholder(tmp_path, store):
     store.ensure_servable(NAME)
-    pki = make_pki(tmp_path / "pki")
-    leaf, fullchain = _issued(
-        pki, NAME, datetime.datetime.now(UTC) + datetime.timedelta(days=90)
-    )
-    store.save_certificate(NAME, leaf.private_key, fullchain)
+    leaf = _store_issued(tmp_path, store, datetime.timedelta(days=90))
     stored = store.certificate(NAME)
     assert not stored.placeholder
     assert stored.leaf == leaf.certificate
 
 
 def test_replace_with_placeholder(tmp_path, store):
-    pki = make_pki(tmp_path / "pki")
-    leaf, fullchain = _issued(
-        pki, NAME, datetime.datetime.now(UTC) + datetime.timedelta(days=90)
-    )
-    store.save_certificate(NAME, leaf.private_key, fullchain)
+    leaf = _store_issued(tmp_path, store, datetime.timedelta(days=90))
     store.replace_with_placeholder(NAME)
     stored = store.certificate(NAME)
     assert stored.placeholder
@@ -345,11 +338,7 @@ def test_ensure_servable_replaces_a_pair_whose_key_does_not_match(tmp_path, stor
     """A crash after the new key was written and before its chain was:
     the old chain beside a new key would stop the listener loading; a
     placeholder serves instead, and the manager orders anew."""
-    pki = make_pki(tmp_path / "pki")
-    leaf, fullchain = _issued(
-        pki, NAME, datetime.datetime.now(UTC) + datetime.timedelta(days=60)
-    )
-    store.save_certificate(NAME, leaf.private_key, fullchain)
+    _store_issued(tmp_path, store, datetime.timedelta(days=60))
     _, key_path = store.certificate_files(NAME)
     Path(key_path).write_bytes(
         ec.generate_private_key(ec.SECP256R1()).private_bytes(
