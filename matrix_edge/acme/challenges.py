@@ -32,6 +32,7 @@ from twisted.web.server import Request
 
 from matrix_edge.acme.store import AcmeStore
 from matrix_edge.config.domains import LABEL
+from matrix_edge.errors import MatrixError, bad_request, error_headers, not_found
 from matrix_edge.tls import TLS12_CIPHERS, private_key_pem, write_atomically
 
 log = Logger()
@@ -152,6 +153,14 @@ class TLSALPNResponder:
 _HOST = re.compile(rb"\A(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?\Z")
 
 
+def _error(request: Request, error: MatrixError) -> bytes:
+    """The edge's own answer, a Matrix JSON error, as on every listener."""
+    request.setResponseCode(error.code)
+    for name, value in error_headers(error):
+        request.setHeader(name, value)
+    return error.body()
+
+
 def _host_without_port(host: bytes) -> bytes | None:
     """The host of a ``Host`` header for an https:// URL on the default
     port: a name, an IPv4 address or a bracketed IPv6 one; None for
@@ -186,15 +195,11 @@ class HTTP01Resource(Resource):
                     token=token.decode("ascii"),
                 )
                 return answer
-            request.setResponseCode(404)
-            request.setHeader(b"content-type", b"text/plain")
-            return b"No such challenge\n"
+            return _error(request, not_found())
         host = _host_without_port(request.getHeader(b"host") or b"")
         target = request.uri
         if not target.startswith(b"/") or host is None:
-            request.setResponseCode(400)
-            request.setHeader(b"content-type", b"text/plain")
-            return b"Bad request\n"
+            return _error(request, bad_request("Expected a path and a Host"))
         request.setResponseCode(308)
         request.setHeader(b"location", b"https://" + host + target)
         request.setHeader(b"content-type", b"text/plain")

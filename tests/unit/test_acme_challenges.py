@@ -5,6 +5,7 @@ in-memory transport."""
 from __future__ import annotations
 
 import hashlib
+import json
 import ssl
 
 import pytest
@@ -225,8 +226,13 @@ def test_http01_token_is_served(store):
 
 
 def test_http01_unknown_token_is_404(store):
-    status, _, _ = _get(store, b"/.well-known/acme-challenge/" + TOKEN.encode())
+    status, headers, body = _get(
+        store, b"/.well-known/acme-challenge/" + TOKEN.encode()
+    )
     assert status == 404
+    # The edge's own answers are Matrix errors here too.
+    assert headers[b"content-type"] == b"application/json"
+    assert json.loads(body)["errcode"] == "M_UNRECOGNIZED"
 
 
 def test_http01_removed_token_is_404(store):
