@@ -9,11 +9,13 @@ itself. Pebble resolves every name to 127.0.0.1.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
 import ssl
 import stat
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +33,8 @@ from tests.acme.pebble import (
     rate_limiting_front,
     running_pebble,
 )
+from tests.chromium import chromium_argv, trusting_home
+from tests.e2e import environment
 
 NAME = "edge.test"
 ISSUED = f"Certificate for {NAME} issued"
@@ -448,3 +452,40 @@ def test_acme_and_file_certificates_on_one_listener(setup: Setup) -> None:
     assert from_file.subject.rfc4514_string() == "CN=files.test"
     with connect(setup.port, untrusted_context(), "unknown.test") as sock:
         assert served(sock).issuer != served(sock).subject
+
+
+def test_a_browser_trusts_the_issued_certificate_over_http2(setup: Setup) -> None:
+    """Chromium, trusting only Pebble's root (as browsers trust Let's
+    Encrypt's), loads a page through a listener with ACME on, over HTTP/2:
+    the issued chain verifies, and the listener's look at the first TLS
+    record for the CA's acme-tls/1 leaves a browser's large ClientHello
+    alone."""
+    try:
+        chromium, certutil = environment.ensure_chromium()
+    except environment.Unavailable as e:
+        pytest.skip(str(e))
+    setup.start_pebble()
+    edge = setup.start_edge()
+    setup.wait_for_log(ISSUED)
+    roots = setup.tmp_path / "pebble-roots.pem"
+    roots.write_bytes(setup.pebble.issuing_roots_pem())  # type: ignore[union-attr]
+    home = trusting_home(setup.tmp_path / "home", certutil, roots)
+    argv = chromium_argv(
+        chromium,
+        setup.tmp_path / "profile",
+        setup.tmp_path / "netlog.json",
+        f"https://{NAME}:{setup.port}/_matrix/client/versions",
+        {NAME: "127.0.0.1"},
+        extra=["--dump-dom"],
+    )
+    done = subprocess.run(
+        argv,
+        env={**os.environ, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    # The recording upstream answers with what it received.
+    assert '"target": "/_matrix/client/versions"' in done.stdout, done.stdout
+    assert '"GET /_matrix/client/versions HTTP/2"' in edge.log()
